@@ -1,0 +1,101 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from conftest import OFFLINE_ENV, write_idx_mnist
+
+
+def test_auto_device_is_available_one():
+    device = common.get_device("auto")
+    assert device.type in ("cpu", "cuda", "mps")
+    if torch.cuda.is_available():
+        assert device.type == "cuda"
+    torch.zeros(1, device=device)  # and usable
+
+
+def test_cpu_always_works():
+    assert common.get_device("CPU") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name", ["tpu", "gpu0", ""])
+def test_unknown_device_is_a_clear_error(name):
+    with pytest.raises(SystemExit, match="unknown --device"):
+        common.get_device(name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_absent_cuda_is_a_clear_error():
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        common.get_device("cuda")
+
+
+def test_autocast_bf16_runs_matmuls_in_bf16_and_fp32_does_not():
+    cpu = torch.device("cpu")
+    with common.autocast(cpu, "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with common.autocast(cpu, "fp32"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_mnist_idx_through_torchvision(tmp_path):
+    images, labels = write_idx_mnist(str(tmp_path), n_train=30, n_test=12)
+    data = common.load_dataset("mnist", str(tmp_path), train=False)
+    assert data.images.dtype == torch.uint8 and data.images.shape == (12, 1, 28, 28)
+    assert data.labels.dtype == torch.int64
+    assert np.array_equal(data.images[:, 0].numpy(), images) and np.array_equal(data.labels.numpy(), labels)
+    assert data.classes == [str(i) for i in range(10)]
+
+
+def test_random_batch_is_scaled_and_matches_labels(tmp_path):
+    write_idx_mnist(str(tmp_path), n_train=30, n_test=12)
+    data = common.load_dataset("mnist", str(tmp_path), train=True)
+    torch.manual_seed(0)
+    x, y = data.random_batch(16)
+    assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1 and x.max() == 1  # the bar is 255 -> +1
+    # every image's bar sits where its label says (see conftest.synthetic_digits)
+    for img, label in zip(x, y):
+        assert (img[0, 4:24, 2 + 2 * label: 4 + 2 * label] == 1).all()
+
+
+def write_image_folder(root, sizes):
+    """Two classes of solid-colour images of the given (w, h) sizes."""
+    colours = {"cat": (255, 0, 0), "dog": (0, 0, 255)}
+    for cls, colour in colours.items():
+        os.makedirs(os.path.join(root, cls))
+        for i, size in enumerate(sizes):
+            Image.new("RGB", size, colour).save(os.path.join(root, cls, f"{i}.png"))
+
+
+def test_image_folder_resized_cropped_and_cached(tmp_path, monkeypatch):
+    folder = str(tmp_path / "pets")
+    write_image_folder(folder, [(40, 30), (32, 32), (20, 50)])
+    data = common.load_dataset(folder, root=None, image_size=16)
+    assert data.images.shape == (6, 3, 16, 16) and data.images.dtype == torch.uint8
+    assert data.classes == ["cat", "dog"] and data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert (data.images[0, 0] == 255).all() and (data.images[0, 2] == 0).all()   # cat = red
+    assert (data.images[3, 2] == 255).all()                                        # dog = blue
+    cached = os.listdir(os.environ["FLOWMATCH_CACHE"])
+    assert len(cached) == 1 and cached[0].endswith(".pt")
+    # The second load reads the cache: PIL is never asked to open an image.
+    monkeypatch.setattr(Image, "open", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded again")))
+    again = common.load_dataset(folder, root=None, image_size=16)
+    assert torch.equal(again.images, data.images) and torch.equal(again.labels, data.labels)
+
+
+def test_cifar10_prefers_image_folder_copy(tmp_path):
+    write_image_folder(str(tmp_path / "cifar10" / "train"), [(32, 32)])
+    data = common.load_dataset("cifar10", str(tmp_path), train=True)
+    assert data.images.shape == (2, 3, 32, 32) and data.classes == ["cat", "dog"]
+
+
+def test_missing_mnist_offline_is_a_clear_error(tmp_path, monkeypatch):
+    for k, v in OFFLINE_ENV.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as e:
+        common.load_dataset("mnist", str(tmp_path / "empty"), train=True)
+    assert "--data-root" in str(e.value) and "MNIST" in str(e.value)

@@ -1,0 +1,147 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import phase1_flow as p1
+from conftest import assert_clean_error, load_ckpt, run_script
+
+FAST = ["--steps", 6, "--batch-size", 8, "--num-samples", 10, "--sample-steps", 4, "--width", 16,
+        "--device", "cpu", "--ckpt-every", 3]
+
+
+def test_interpolation_endpoints_and_velocity():
+    x0, x1 = torch.randn(4, 1, 28, 28), torch.randn(4, 1, 28, 28)
+    xt, v = p1.interpolate(x0, x1, torch.zeros(4))
+    assert torch.equal(xt, x0) and torch.equal(v, x1 - x0)
+    xt, _ = p1.interpolate(x0, x1, torch.ones(4))
+    assert torch.allclose(xt, x1)
+    # v really is dx_t/dt: a finite difference along the line gives it back
+    t = torch.rand(4)
+    a, _ = p1.interpolate(x0, x1, t)
+    b, _ = p1.interpolate(x0, x1, t + 1e-3)
+    assert torch.allclose((b - a) / 1e-3, v, atol=1e-2)
+
+
+@pytest.mark.parametrize("how", ["uniform", "logit-normal"])
+def test_loss_is_zero_for_the_exact_field_of_a_single_point(how):
+    # With one data point c, every line through x_t ends at c, so v(x, t) = (c - x) / (1 - t) is exact.
+    torch.manual_seed(0)
+    c = torch.randn(1, 1, 28, 28)
+    exact = lambda x, t: (c - x) / (1 - t)[:, None, None, None]  # noqa: E731
+    assert p1.flow_matching_loss(exact, c.expand(64, -1, -1, -1), how).item() < 1e-6
+    wrong = lambda x, t: -x  # noqa: E731
+    assert p1.flow_matching_loss(wrong, c.expand(64, -1, -1, -1), how).item() > 0.1
+
+
+def test_t_sampling_ranges():
+    for how in ("uniform", "logit-normal"):
+        t = p1.sample_t(10000, how, "cpu")
+        assert t.min() >= 0 and t.max() < 1
+    # logit-normal concentrates on the middle: far fewer samples near the ends than uniform
+    assert (p1.sample_t(10000, "logit-normal", "cpu") < 0.1).float().mean() < 0.05
+
+
+def test_euler_lands_exactly_on_a_single_data_point():
+    c = torch.randn(3, 1, 28, 28)
+    noise = torch.randn(3, 1, 28, 28)
+    for steps in (1, 3, 50):
+        x, _ = p1.euler_sample(lambda x, t: (c - x) / (1 - t)[:, None, None, None], noise, steps)
+        assert torch.allclose(x, c, atol=1e-5), steps
+
+
+def test_euler_integrates_a_constant_field_and_keeps_a_trajectory():
+    noise, a = torch.zeros(2, 1, 4, 4), torch.full((2, 1, 4, 4), 3.0)
+    x, traj = p1.euler_sample(lambda x, t: a, noise, steps=8, keep_every=2)
+    assert torch.allclose(x, a)
+    assert len(traj) == 5 and torch.allclose(traj[2], a / 2)  # after 4 of 8 steps, halfway
+
+
+def test_time_embedding_really_varies_over_unit_interval():
+    emb = p1.TimeEmbedding(32)
+    angles = torch.linspace(0, 1, 11)[:, None] * emb.freqs * torch.pi
+    feats = torch.cat([angles.sin(), angles.cos()], 1)
+    # neighbouring t (0.1 apart) give clearly different features
+    assert (feats[1:] - feats[:-1]).norm(dim=1).min() > 1.0
+
+
+def test_unet_output_shape_and_starts_at_zero():
+    model = p1.UNet(width=16)
+    x, t = torch.randn(5, 1, 28, 28), torch.rand(5)
+    v = model(x, t)
+    assert v.shape == x.shape and torch.all(v == 0)  # zero-initialised head
+
+
+def test_cli_trains_and_writes_everything(tmp_path, mnist_root):
+    out = tmp_path / "run"
+    r = run_script("phase1_flow.py", "--data-root", mnist_root, "--out-dir", out, "--save-npz", tmp_path / "s.npz",
+                   *FAST)
+    assert r.returncode == 0, r.stderr
+    for name in ("samples.png", "trajectory.png", "ckpt.pt", "metrics.json"):
+        assert (out / name).exists(), name
+    assert not (out / "ckpt.pt.tmp").exists()
+    npz = np.load(tmp_path / "s.npz")
+    assert npz["images"].dtype == np.uint8 and npz["images"].shape == (10, 28, 28)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["params"] > 0 and metrics["train_images_per_s"] > 0
+    assert np.isfinite(metrics["final_smooth_loss"])
+    ckpt = load_ckpt(out / "ckpt.pt")
+    assert ckpt["step"] == 6 and set(ckpt) >= {"model", "ema", "opt", "config"}
+
+
+def test_resume_reaches_the_same_state_as_one_run(tmp_path, mnist_root):
+    common = ["--data-root", mnist_root, *FAST[2:]]
+    assert run_script("phase1_flow.py", "--out-dir", tmp_path / "a", "--steps", 6, *common).returncode == 0
+    r = run_script("phase1_flow.py", "--out-dir", tmp_path / "b", "--steps", 3, *common)
+    assert r.returncode == 0, r.stderr
+    r = run_script("phase1_flow.py", "--out-dir", tmp_path / "b", "--steps", 6, "--resume", *common)
+    assert r.returncode == 0, r.stderr
+    assert "step 3" in r.stdout
+    a, b = load_ckpt(tmp_path / "a" / "ckpt.pt"), load_ckpt(tmp_path / "b" / "ckpt.pt")
+    assert b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+
+
+def test_sample_only_is_reproducible_with_seed(tmp_path, mnist_root):
+    out = tmp_path / "run"
+    assert run_script("phase1_flow.py", "--data-root", mnist_root, "--out-dir", out, *FAST).returncode == 0
+    for name in ("x.npz", "y.npz"):
+        r = run_script("phase1_flow.py", "--out-dir", out, "--sample-only", "--num-samples", 6, "--seed", 5,
+                       "--save-npz", tmp_path / name, "--device", "cpu")
+        assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.load(tmp_path / "x.npz")["images"], np.load(tmp_path / "y.npz")["images"])
+
+
+def test_max_minutes_stops_training_early(tmp_path, mnist_root):
+    out = tmp_path / "run"
+    r = run_script("phase1_flow.py", "--data-root", mnist_root, "--out-dir", out, *FAST, "--steps", 100000,
+                   "--max-minutes", 0.001)
+    assert r.returncode == 0, r.stderr
+    assert 0 <= load_ckpt(out / "ckpt.pt")["step"] < 100000 and (out / "samples.png").exists()
+
+
+def test_sample_only_without_checkpoint_is_a_clean_error(tmp_path):
+    r = run_script("phase1_flow.py", "--out-dir", tmp_path / "nothing", "--sample-only")
+    assert_clean_error(r, "no checkpoint")
+
+
+def test_corrupt_checkpoint_is_a_clean_error(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint")
+    r = run_script("phase1_flow.py", "--out-dir", tmp_path, "--sample-only")
+    assert_clean_error(r, "unreadable")
+    assert (tmp_path / "ckpt.pt").read_bytes() == b"not a checkpoint"  # nothing lost
+
+
+def test_missing_dataset_offline_is_a_clean_error(tmp_path):
+    r = run_script("phase1_flow.py", "--data-root", tmp_path / "no_data", "--out-dir", tmp_path / "o", *FAST)
+    assert_clean_error(r, "--data-root")
+
+
+@pytest.mark.parametrize("bad", [["--steps", "0"], ["--device", "tpu"], ["--width", "12"], ["--lr", "-1"]])
+def test_bad_flags_are_clean_errors(tmp_path, bad):
+    r = run_script("phase1_flow.py", "--out-dir", tmp_path, "--sample-only", *bad)
+    assert_clean_error(r)

@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+import torch
+
+import phase2_dit as p2
+from conftest import assert_clean_error, load_ckpt, run_script
+
+
+@pytest.mark.parametrize("p", [1, 2, 4, 7])
+def test_patchify_round_trip_is_exact(p):
+    x = torch.randn(3, 2, 28, 28)
+    tokens = p2.patchify(x, p)
+    assert tokens.shape == (3, (28 // p) ** 2, p * p * 2)
+    assert torch.equal(p2.unpatchify(tokens, p, 2, 28, 28), x)
+
+
+def test_patchify_token_is_one_patch_in_row_major_order():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    tokens = p2.patchify(x, 2)
+    assert tokens[0, 0].tolist() == [0, 1, 4, 5]      # top-left patch
+    assert tokens[0, 1].tolist() == [2, 3, 6, 7]      # its right neighbour comes next
+    assert tokens[0, 2].tolist() == [8, 9, 12, 13]    # then the next row
+
+
+def test_2d_position_code_shape_distinct_and_separable():
+    pe = p2.sincos_2d(64, 7, 7)
+    assert pe.shape == (49, 64)
+    assert torch.cdist(pe, pe).add(torch.eye(49) * 1e9).min() > 1e-3  # every position has its own code
+    # moving one row down changes only the row half; one column right only the column half
+    assert torch.equal(pe[0, 32:], pe[7, 32:]) and not torch.equal(pe[0, :32], pe[7, :32])
+    assert torch.equal(pe[0, :32], pe[1, :32]) and not torch.equal(pe[0, 32:], pe[1, 32:])
+
+
+def test_fresh_dit_block_is_exactly_the_identity():
+    model = p2.DiT(depth=2, width=32, heads=2)
+    x, c = torch.randn(4, 49, 32), torch.randn(4, 32)
+    for block in model.blocks:
+        assert torch.equal(block(x, c), x)
+
+
+def test_dit_output_shape_and_time_changes_the_output_after_training_a_bit():
+    model = p2.DiT(depth=2, width=32, heads=2)
+    x, t = torch.randn(5, 1, 28, 28), torch.rand(5)
+    assert model(x, t).shape == x.shape
+    # once the zero-initialised layers move, t reaches the output through adaLN
+    for p in model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    assert not torch.allclose(model(x, torch.zeros(5)), model(x, torch.ones(5)))
+
+
+def test_cli_trains_and_writes_everything(tmp_path, mnist_root):
+    out = tmp_path / "run"
+    r = run_script("phase2_dit.py", "--data-root", mnist_root, "--out-dir", out, "--save-npz", tmp_path / "s.npz",
+                   "--steps", 4, "--batch-size", 8, "--num-samples", 6, "--sample-steps", 3, "--depth", 2,
+                   "--width", 32, "--heads", 2, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "parameters" in r.stdout
+    for name in ("samples.png", "trajectory.png", "ckpt.pt", "metrics.json"):
+        assert (out / name).exists(), name
+    assert np.load(tmp_path / "s.npz")["images"].shape == (6, 28, 28)
+    assert load_ckpt(out / "ckpt.pt")["config"]["patch_size"] == 4
+
+
+@pytest.mark.parametrize("size", ["5", "3", "0"])
+def test_bad_patch_size_is_a_clean_error(tmp_path, size):
+    r = run_script("phase2_dit.py", "--out-dir", tmp_path, "--patch-size", size)
+    assert_clean_error(r, "--patch-size")
