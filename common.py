@@ -124,37 +124,76 @@ def load_image_folder(folder, image_size):
     key = hashlib.sha1(repr((os.path.abspath(folder), image_size,
                              [(p, os.path.getsize(p)) for _, p in files])).encode()).hexdigest()[:16]
     cache = os.path.join(cache_dir(), f"{os.path.basename(os.path.normpath(folder))}-{image_size}px-{key}.pt")
-    if os.path.exists(cache):
-        try:
-            d = torch.load(cache)
-            return ImageData(d["images"], d["labels"], d["classes"])
-        except Exception:  # noqa: BLE001 - a broken cache is rebuilt, never fatal
-            pass
+    data = load_cache(cache)
+    if data is not None:
+        return data
     from PIL import Image
-    images = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
     label_of = {c: i for i, c in enumerate(classes)}
     print(f"decoding {len(files)} images from {folder} (once; cached in {cache_dir()})", flush=True)
-    for i, (_, path) in enumerate(files):
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            scale = image_size / min(im.size)  # resize the shorter side to image_size, then centre-crop
-            if im.size != (image_size, image_size):
-                w, h = max(image_size, round(im.width * scale)), max(image_size, round(im.height * scale))
-                im = im.resize((w, h), Image.BICUBIC)
-                left, top = (w - image_size) // 2, (h - image_size) // 2
-                im = im.crop((left, top, left + image_size, top + image_size))
-            images[i] = np.asarray(im)
+    images = np.stack([square_crop(Image.open(path), image_size) for _, path in files])
     data = ImageData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
                      torch.tensor([label_of[c] for c, _ in files], dtype=torch.long), classes)
-    os.makedirs(cache_dir(), exist_ok=True)
-    tmp = cache + ".tmp"
-    torch.save({"images": data.images, "labels": data.labels, "classes": classes}, tmp)
-    os.replace(tmp, cache)  # atomic: a crash mid-write never leaves a half cache behind
+    return save_cache(cache, data)
+
+
+def square_crop(im, image_size):
+    """A PIL image -> (image_size, image_size, 3) uint8: shorter side resized to image_size, then centre-cropped."""
+    from PIL import Image
+    with im:
+        im = im.convert("RGB")
+        if im.size != (image_size, image_size):
+            scale = image_size / min(im.size)
+            w, h = max(image_size, round(im.width * scale)), max(image_size, round(im.height * scale))
+            im = im.resize((w, h), Image.BICUBIC)
+            left, top = (w - image_size) // 2, (h - image_size) // 2
+            im = im.crop((left, top, left + image_size, top + image_size))
+        return np.asarray(im)
+
+
+def load_cache(path):
+    try:
+        d = torch.load(path)
+        return ImageData(d["images"], d["labels"], d["classes"])
+    except Exception:  # noqa: BLE001 - missing or broken: rebuilt, never fatal
+        return None
+
+
+def save_cache(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"images": data.images, "labels": data.labels, "classes": data.classes}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a half cache behind
     return data
 
 
+def load_flowers102(root, image_size=64):
+    """Oxford Flowers-102 through torchvision, all three splits pooled (8,189 images), square, cached as .pt."""
+    import torchvision
+    key = hashlib.sha1(repr((os.path.abspath(root), image_size)).encode()).hexdigest()[:16]
+    cache = os.path.join(cache_dir(), f"flowers102-{image_size}px-{key}.pt")
+    data = load_cache(cache)
+    if data is not None:
+        return data
+    try:  # reads <root>/flowers-102/ when present; downloads otherwise (needs scipy for the .mat label files)
+        splits = [torchvision.datasets.Flowers102(root, split=s, download=True) for s in ("train", "val", "test")]
+    except Exception as e:  # noqa: BLE001
+        missing_data("Flowers-102", root, f"{type(e).__name__}: {e}".splitlines()[0])
+    n = sum(len(ds) for ds in splits)
+    print(f"decoding {n} Flowers-102 images (once; cached in {cache_dir()})", flush=True)
+    images, labels = [], []
+    for ds in splits:
+        for i in range(len(ds)):
+            im, label = ds[i]
+            images.append(square_crop(im, image_size))
+            labels.append(label)
+    classes = [c.rstrip("?") for c in splits[0].classes]  # torchvision writes "pink-yellow dahlia?"
+    data = ImageData(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
+                     torch.tensor(labels, dtype=torch.long), classes)
+    return save_cache(cache, data)
+
 def load_dataset(name, root, train=True, image_size=32):
-    """name: 'mnist', 'cifar10', or a path to an image folder."""
+    """name: 'mnist', 'cifar10', 'flowers102', or a path to an image folder."""
+    if name == "flowers102":
+        return load_flowers102(root, image_size)
     if name == "mnist":
         return load_mnist(root, train)
     if name == "cifar10":

@@ -163,3 +163,20 @@ def test_missing_clip_offline_is_a_clean_error(tmp_path):
     r = run_script("phase4_clip.py", "--clip-model", tmp_path / "no_clip_here", "--out-dir", tmp_path / "o",
                    "--data-root", tmp_path / "none", *TINY)
     assert_clean_error(r, "--clip-model")
+
+
+def test_clip_run_to_the_longest_prompt_equals_the_full_77_tokens(encoder):
+    from transformers import CLIPTokenizer
+    short, long = "a photo of a dog", "a photo of a dog " * 6
+    alone, mask_alone = encoder._run_clip([short])
+    together, mask_together = encoder._run_clip([short, long])
+    assert torch.equal(mask_alone[0], mask_together[0])
+    n = int(mask_alone[0].sum())
+    assert torch.allclose(alone[0, :n], together[0, :n], atol=1e-5)
+    assert (alone[0, n:] == 0).all()
+    # and both equal CLIP run on all 77 positions
+    tok = CLIPTokenizer.from_pretrained(encoder.tokenizer.name_or_path)
+    full = tok([short], padding="max_length", max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        ref = encoder.model(input_ids=full.input_ids, attention_mask=full.attention_mask).last_hidden_state
+    assert torch.allclose(ref[0, :n], alone[0, :n], atol=1e-5)
