@@ -68,7 +68,7 @@ from common import autocast, cache_dir, fail, get_device, load_dataset
 # ----------------------------------------------------------------------------------------------------------
 # Settings
 
-CFG_SCALE = 3.0           # default guidance scale
+CFG_SCALE = 5.0           # default guidance scale, as measured for phase 4
 SWEEP_SCALES = [1, 2, 3, 5, 7]   # rows of cfg_sweep.png
 TEMPLATES = ["a photo of a {}, a type of flower.", "a close-up photo of a {}, a type of flower.",
              "a photo of the {}, a type of flower.", "a blurry photo of a {}, a type of flower.",
