@@ -52,7 +52,7 @@ from common import autocast, fail, get_device, load_dataset
 # Settings
 
 NUM_CLASSES = 10          # digits 0..9; index 10 is the "null" class: no label
-CFG_SCALE = 3.0           # default guidance scale (see the README table for 1, 3, 5, 7)
+CFG_SCALE = 5.0           # default guidance scale: accuracy 0.998 (README table for 1, 3, 5, 7)
 SWEEP_SCALES = [1, 2, 3, 5, 7]   # rows of cfg_sweep.png
 
 
