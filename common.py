@@ -190,6 +190,7 @@ def load_flowers102(root, image_size=64):
                      torch.tensor(labels, dtype=torch.long), classes)
     return save_cache(cache, data)
 
+
 def load_dataset(name, root, train=True, image_size=32):
     """name: 'mnist', 'cifar10', 'flowers102', or a path to an image folder."""
     if name == "flowers102":

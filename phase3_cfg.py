@@ -191,7 +191,6 @@ class ClassEmbedding(nn.Module):
 
     def __init__(self, num_classes, dim):
         super().__init__()
-        self.null_class = num_classes
         self.table = nn.Embedding(num_classes + 1, dim)
 
     def forward(self, y):                                                  # y: (B,) in 0..num_classes

@@ -932,9 +932,11 @@ def main(argv=None):
     vae.eval().requires_grad_(False)
     if vae_step == 0:
         fail("the VAE has not been trained yet: run --stage vae or --stage all")
-    metrics["vae_psnr_db"] = round(psnr_db(vae, holdout), 2)
-    save_vae_pictures(args, vae, holdout)
-    print(f"VAE (step {vae_step}): held-out reconstruction PSNR {metrics['vae_psnr_db']} dB", flush=True)
+    trained = train_vae_now or train_flow_now  # a sampling-only call neither re-measures nor rewrites metrics
+    if trained:
+        metrics["vae_psnr_db"] = round(psnr_db(vae, holdout), 2)
+        save_vae_pictures(args, vae, holdout)
+        print(f"VAE (step {vae_step}): held-out reconstruction PSNR {metrics['vae_psnr_db']} dB", flush=True)
     if args.stage == "vae":
         with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
@@ -984,7 +986,7 @@ def main(argv=None):
     ema.eval()
     metrics.update(generate(args, ema, encoder, vae, scale, device, amp))
     metrics["wall_seconds"] = round(time.time() - run_start, 1)
-    if not args.sample_only:
+    if trained:
         with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
             json.dump({"config": config, **metrics}, f, indent=2)
 

@@ -110,11 +110,12 @@ def test_cli_trains_both_stages_resumes_the_vae_and_samples(tmp_path, tiny_clip)
     assert metrics["steps"] == 3 and np.isfinite(metrics["vae_psnr_db"]) and metrics["latent_scale"] > 0
     assert metrics["latent_speedup"] > 1
     assert load_ckpt(out / "ckpt.pt")["config"]["image_shape"] == [4, 16, 16]
-    # Both checkpoints exist: the next call samples straight away, reading the cached latents.
+    # Both checkpoints exist: the next call samples straight away, and leaves the training metrics alone.
     r = run_script("phase5_latent.py", "--data", folder, "--out-dir", out, "--num-samples", 1, "--sample-steps", 2,
                    "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert "training" not in r.stdout
+    assert json.loads((out / "metrics.json").read_text()) == metrics
 
 
 def test_flow_stage_without_vae_is_a_clean_error(tmp_path, tiny_clip):
