@@ -20,14 +20,8 @@ The time t steers each block through adaLN: it sets the scale and shift of every
 From phase 3, guidance: the network learns v(x_t, t, c) and, with the condition dropped 10% of the time, the
 unconditional v(x_t, t, null); sampling follows v = v_uncond + s * (v_cond - v_uncond) (Ho & Salimans, 2022).
 
-New in this phase: the condition is text. A frozen CLIP text encoder turns a prompt into one vector per token
-(77 x 512); in every block, after self-attention, the image tokens read the text tokens through cross-attention
-(queries from the image, keys and values from the text), as in Stable Diffusion and PixArt. The "null" condition
-is the empty prompt "". Training captions are "a photo of a {class}" and a few variations, so the model learns
-from the words, not from one fixed string. The time t still drives adaLN.
-
-From phase 4, text: a frozen CLIP text encoder, cross-attention from image tokens to text tokens, the empty
-prompt as the unconditional branch of CFG.
+From phase 4, text: a frozen CLIP text encoder turns a prompt into one vector per token; in every block the image
+tokens read them through cross-attention; the empty prompt "" is the unconditional branch of CFG.
 
 New in this phase: latents, the Stable Diffusion idea. A 64x64x3 image is 12,288 numbers, most of them
 predictable from their neighbours. A small convolutional VAE learns to squeeze it into a 16x16x4 latent (1,024
