@@ -44,7 +44,8 @@ def get_args(argv=None):
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=4000, help="optimizer steps to train for")
     g.add_argument("--max-minutes", type=float, default=None, help="stop training after this much wall time")
-    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--batch-size", type=int, default=64,
+                   help="64 beat 128 in the same 9 minutes here: twice the steps, FID 2.1 vs 2.8 (README)")
     g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (after warmup)")
     g.add_argument("--warmup-steps", type=int, default=200, help="linear learning-rate warmup")
     g.add_argument("--cooldown", type=float, default=0.3,
