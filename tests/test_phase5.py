@@ -116,6 +116,12 @@ def test_cli_trains_both_stages_resumes_the_vae_and_samples(tmp_path, tiny_clip)
     assert r.returncode == 0, r.stderr
     assert "training" not in r.stdout
     assert json.loads((out / "metrics.json").read_text()) == metrics
+    # The flow stage resumes from its own checkpoint (the finished VAE is left alone).
+    r = run_script("phase5_latent.py", "--resume", "--vae-steps", 4, "--steps", 5, "--prompt", "a photo of a rose",
+                   *common)
+    assert r.returncode == 0, r.stderr
+    assert "stage 1" not in r.stdout and "from step 3 to 5" in r.stdout
+    assert load_ckpt(out / "ckpt.pt")["step"] == 5 and load_ckpt(out / "vae.pt")["step"] == 4
 
 
 def test_flow_stage_without_vae_is_a_clean_error(tmp_path, tiny_clip):
