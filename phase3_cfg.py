@@ -94,7 +94,7 @@ def get_args(argv=None):
     g.add_argument("--cfg-scale", type=float, default=CFG_SCALE, help="guidance scale s (1 = no guidance)")
     g.add_argument("--num-samples", type=int, default=10, help="how many images per requested digit")
     g.add_argument("--sample-steps", type=int, default=25,
-                   help="Euler steps from noise to data (25 scored as well as 50 here, in half the time)")
+                   help="Euler steps from noise to data (in the phase-4 benchmark 25 scored as well as 50)")
     g.add_argument("--save-npz", metavar="PATH", help="also save the samples as uint8 arrays for scoring")
     g = p.add_argument_group("I/O and system")
     g.add_argument("--data-root", default="data", help="where MNIST is, or is downloaded to")
