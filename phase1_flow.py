@@ -46,13 +46,16 @@ def get_args(argv=None):
     g.add_argument("--max-minutes", type=float, default=None, help="stop training after this much wall time")
     g.add_argument("--batch-size", type=int, default=64,
                    help="64 beat 128 in the same 9 minutes here: twice the steps, FID 2.1 vs 2.8 (README)")
-    g.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (after warmup)")
+    g.add_argument("--lr", type=float, default=4e-3,
+                   help="peak AdamW learning rate, after warmup (4e-3 beat 2e-3 at an equal 2,000 steps, README)")
     g.add_argument("--warmup-steps", type=int, default=200, help="linear learning-rate warmup")
     g.add_argument("--cooldown", type=float, default=0.3,
                    help="fraction of the run (steps or minutes, whichever ends first) with the lr decaying to 0")
     g.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights, used for sampling")
     g.add_argument("--t-sampling", choices=["uniform", "logit-normal"], default="logit-normal",
                    help="how training times t are drawn (logit-normal puts more weight on the middle)")
+    g.add_argument("--t-mean", type=float, default=-0.5,
+                   help="centre of the logit-normal in logit units; -0.5 beat 0 here (README)")
     g = p.add_argument_group("model")
     g.add_argument("--width", type=int, default=48, help="channels at 14x14 (twice that at 7x7)")
     g = p.add_argument_group("sampling")
@@ -155,12 +158,13 @@ def build_model(config):
 # ----------------------------------------------------------------------------------------------------------
 # Flow matching: the loss and the sampler (the whole algorithm)
 
-def sample_t(batch_size, how, device):
-    """Training times. logit-normal = sigmoid(N(0,1)): dense around t=0.5, where predicting v is hardest.
+def sample_t(batch_size, how, device, mean=0.0):
+    """Training times. logit-normal = sigmoid(N(mean, 1)): dense around sigmoid(mean), away from the easy ends.
+    mean < 0 moves the weight towards the noise end (t=0), where the layout of the image is decided.
     Measured on phase 1 (1,000 steps, 1,000 samples): classifier-FID 4.6 with logit-normal, 6.1 with uniform."""
     if how == "uniform":
         return torch.rand(batch_size, device=device)
-    return torch.sigmoid(torch.randn(batch_size, device=device))
+    return torch.sigmoid(mean + torch.randn(batch_size, device=device))
 
 
 def interpolate(x0, x1, t):
@@ -169,10 +173,10 @@ def interpolate(x0, x1, t):
     return (1 - t) * x0 + t * x1, x1 - x0
 
 
-def flow_matching_loss(model, x1, t_sampling="logit-normal"):
+def flow_matching_loss(model, x1, t_sampling="logit-normal", t_mean=0.0):
     """x1: a batch of data. The mean squared error between predicted and true velocity at random (x_t, t)."""
     x0 = torch.randn_like(x1)                                  # noise
-    t = sample_t(len(x1), t_sampling, x1.device)
+    t = sample_t(len(x1), t_sampling, x1.device, t_mean)
     xt, target = interpolate(x0, x1, t)
     return F.mse_loss(model(xt, t), target)
 
@@ -241,7 +245,7 @@ def train(args, config, device, amp, model, ema, opt, step, data):
                 group["lr"] = lr
             x1, _ = data.random_batch(args.batch_size)
             with amp:  # forward pass in bf16 where it is fast (see common.autocast); the loss is computed in fp32
-                loss = flow_matching_loss(model, x1, args.t_sampling)
+                loss = flow_matching_loss(model, x1, args.t_sampling, args.t_mean)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # one bad batch cannot wreck the weights

@@ -80,6 +80,8 @@ def get_args(argv=None):
     g.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights, used for sampling")
     g.add_argument("--t-sampling", choices=["uniform", "logit-normal"], default="logit-normal",
                    help="how training times t are drawn (logit-normal puts more weight on the middle)")
+    g.add_argument("--t-mean", type=float, default=0.0,
+                   help="centre of the logit-normal, in logits (phases 1-2 use -0.5; this phase was measured at 0)")
     g.add_argument("--label-dropout", type=float, default=0.1,
                    help="probability of replacing a label by the null class (trains the unconditional model)")
     g = p.add_argument_group("model")
@@ -304,12 +306,13 @@ def build_model(config):
 # ----------------------------------------------------------------------------------------------------------
 # Flow matching: the loss and the sampler (the whole algorithm)
 
-def sample_t(batch_size, how, device):
-    """Training times. logit-normal = sigmoid(N(0,1)): dense around t=0.5, where predicting v is hardest.
+def sample_t(batch_size, how, device, mean=0.0):
+    """Training times. logit-normal = sigmoid(N(mean, 1)): dense around sigmoid(mean), away from the easy ends.
+    mean < 0 moves the weight towards the noise end (t=0), where the layout of the image is decided.
     Measured on phase 1 (1,000 steps, 1,000 samples): classifier-FID 4.6 with logit-normal, 6.1 with uniform."""
     if how == "uniform":
         return torch.rand(batch_size, device=device)
-    return torch.sigmoid(torch.randn(batch_size, device=device))
+    return torch.sigmoid(mean + torch.randn(batch_size, device=device))
 
 
 def interpolate(x0, x1, t):
@@ -318,14 +321,14 @@ def interpolate(x0, x1, t):
     return (1 - t) * x0 + t * x1, x1 - x0
 
 
-def get_conditional_loss(model, x1, y, label_dropout=0.1, t_sampling="logit-normal"):
+def get_conditional_loss(model, x1, y, label_dropout=0.1, t_sampling="logit-normal", t_mean=0.0):
     """Flow-matching loss for v(x_t, t, y), where each label becomes the null class with prob. label_dropout.
 
     Why this gives the unconditional model for free: for a dropped sample the network sees no label, so the best
     it can do is predict the velocity averaged over all digits, which is exactly v(x_t, t) of phase 2. One
     network, one training run, both predictions that CFG needs."""
     x0 = torch.randn_like(x1)                                  # noise
-    t = sample_t(len(x1), t_sampling, x1.device)
+    t = sample_t(len(x1), t_sampling, x1.device, t_mean)
     xt, target = interpolate(x0, x1, t)
     drop = torch.rand(len(y), device=y.device) < label_dropout
     y = torch.where(drop, torch.full_like(y, NUM_CLASSES), y)  # per sample: label or null (index 10)
@@ -414,7 +417,7 @@ def train(args, config, device, amp, model, ema, opt, step, data):
                 group["lr"] = lr
             x1, y = data.random_batch(args.batch_size)
             with amp:  # forward pass in bf16 where it is fast (see common.autocast); the loss is computed in fp32
-                loss = get_conditional_loss(model, x1, y, args.label_dropout, args.t_sampling)
+                loss = get_conditional_loss(model, x1, y, args.label_dropout, args.t_sampling, args.t_mean)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # one bad batch cannot wreck the weights

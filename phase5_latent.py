@@ -100,6 +100,8 @@ def get_args(argv=None):
     g.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights, used for sampling")
     g.add_argument("--t-sampling", choices=["uniform", "logit-normal"], default="logit-normal",
                    help="how training times t are drawn (logit-normal puts more weight on the middle)")
+    g.add_argument("--t-mean", type=float, default=0.0,
+                   help="centre of the logit-normal, in logits (phases 1-2 use -0.5; this phase was measured at 0)")
     g.add_argument("--caption-dropout", type=float, default=0.1,
                    help="probability of replacing a caption by the empty prompt (trains the unconditional model)")
     g = p.add_argument_group("model")
@@ -573,12 +575,13 @@ def build_model(config):
 # ----------------------------------------------------------------------------------------------------------
 # Flow matching: the loss and the sampler (the whole algorithm)
 
-def sample_t(batch_size, how, device):
-    """Training times. logit-normal = sigmoid(N(0,1)): dense around t=0.5, where predicting v is hardest.
+def sample_t(batch_size, how, device, mean=0.0):
+    """Training times. logit-normal = sigmoid(N(mean, 1)): dense around sigmoid(mean), away from the easy ends.
+    mean < 0 moves the weight towards the noise end (t=0), where the layout of the image is decided.
     Measured on phase 1 (1,000 steps, 1,000 samples): classifier-FID 4.6 with logit-normal, 6.1 with uniform."""
     if how == "uniform":
         return torch.rand(batch_size, device=device)
-    return torch.sigmoid(torch.randn(batch_size, device=device))
+    return torch.sigmoid(mean + torch.randn(batch_size, device=device))
 
 
 def interpolate(x0, x1, t):
@@ -587,11 +590,11 @@ def interpolate(x0, x1, t):
     return (1 - t) * x0 + t * x1, x1 - x0
 
 
-def text_conditional_loss(model, x1, text, mask, t_sampling="logit-normal"):
+def text_conditional_loss(model, x1, text, mask, t_sampling="logit-normal", t_mean=0.0):
     """Flow-matching loss for v(x_t, t, text). Caption dropout happens where captions are chosen (the trainer):
     a dropped caption is the empty prompt, so the same network also learns the unconditional v(x_t, t, "")."""
     x0 = torch.randn_like(x1)                                  # noise
-    t = sample_t(len(x1), t_sampling, x1.device)
+    t = sample_t(len(x1), t_sampling, x1.device, t_mean)
     xt, target = interpolate(x0, x1, t)
     return F.mse_loss(model(xt, t, text, mask), target)
 
@@ -702,7 +705,8 @@ class TextConditionalTrainer:
                 x1, y = self.data.random_batch(args.batch_size, flip=True)  # mirrored photos are photos too
                 ids = self.caption_ids(y)
                 with amp:  # forward pass in bf16 where it is fast (see common.autocast); the loss in fp32
-                    loss = text_conditional_loss(model, x1, self.text[ids], self.mask[ids], args.t_sampling)
+                    loss = text_conditional_loss(model, x1, self.text[ids], self.mask[ids],
+                                                 args.t_sampling, args.t_mean)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # one bad batch cannot wreck the weights

@@ -43,6 +43,14 @@ def test_t_sampling_ranges():
     assert (p1.sample_t(10000, "logit-normal", "cpu") < 0.1).float().mean() < 0.05
 
 
+def test_t_mean_moves_the_training_times_towards_the_noise_end():
+    torch.manual_seed(0)
+    centred, shifted = p1.sample_t(20000, "logit-normal", "cpu"), p1.sample_t(20000, "logit-normal", "cpu", -0.5)
+    assert abs(centred.median().item() - 0.5) < 0.01
+    assert abs(shifted.median().item() - torch.sigmoid(torch.tensor(-0.5)).item()) < 0.01  # 0.378
+    assert p1.get_args([]).t_mean == -0.5 and p1.get_args(["--t-mean", "0"]).t_mean == 0.0
+
+
 def test_euler_lands_exactly_on_a_single_data_point():
     c = torch.randn(3, 1, 28, 28)
     noise = torch.randn(3, 1, 28, 28)
