@@ -58,7 +58,7 @@ def get_args(argv=None):
     g.add_argument("--t-sampling", choices=["uniform", "logit-normal"], default="logit-normal",
                    help="how training times t are drawn (logit-normal puts more weight on the middle)")
     g.add_argument("--t-mean", type=float, default=-0.5,
-                   help="centre of the logit-normal in logit units; -0.5 beat 0 here (README)")
+                   help="centre of the logit-normal, in logits (-0.5 beat 0 here, README)")
     g = p.add_argument_group("model")
     g.add_argument("--patch-size", type=int, default=4, help="pixels per patch side; must divide 28")
     g.add_argument("--depth", type=int, default=6, help="transformer blocks")
