@@ -17,10 +17,16 @@ New in this phase: the network. The image is cut into 4x4 patches (7x7 = 49 toke
 a 2-D position code tells the tokens where they sit, and transformer blocks let every patch look at every other.
 The time t steers each block through adaLN: it sets the scale and shift of every LayerNorm (Peebles & Xie, 2023).
 
+A better sampler for free: autoguidance (Karras et al., 2024). Keep a copy of the model from early in training;
+it makes the same kinds of mistakes as the final model, only bigger. Extrapolate away from it:
+
+    v = v_early + w * (v_final - v_early),      w > 1      (w = 1 is the plain model)
+
 Run:
     python phase2_dit.py                                  # train (default 4,000 steps), then sample
     python phase2_dit.py --max-minutes 5                  # stop training after 5 minutes, whatever the step
     python phase2_dit.py --sample-only --num-samples 100  # sample from out/phase2/ckpt.pt
+    python phase2_dit.py --sample-only --guidance 1       # the same, without autoguidance
     python phase2_dit.py --data-root ../shared/data       # offline: use a local copy of MNIST
 """
 import argparse
@@ -42,6 +48,9 @@ from common import autocast, fail, get_device, load_dataset
 
 # ----------------------------------------------------------------------------------------------------------
 # Settings
+
+GUIDANCE = 3.0   # default autoguidance weight (README: the sweep over w and --guide-at)
+GUIDE_AT = 0.6   # the guide is the EMA model at 60% of the run (the DiT needs a later guide than phase 1's 20%)
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Phase 2: unconditional flow matching on MNIST with a DiT.")
@@ -68,6 +77,10 @@ def get_args(argv=None):
     g.add_argument("--sample-only", action="store_true", help="skip training, sample from <out-dir>/ckpt.pt")
     g.add_argument("--num-samples", type=int, default=64, help="how many images to generate")
     g.add_argument("--sample-steps", type=int, default=50, help="Euler steps from noise to data")
+    g.add_argument("--guidance", type=float, default=GUIDANCE,
+                   help="autoguidance weight w: v = v_early + w (v - v_early); 1 = off (README table)")
+    g.add_argument("--guide-at", type=float, default=GUIDE_AT,
+                   help="when to keep the early copy (the guide): this fraction of the run (steps or minutes)")
     g.add_argument("--save-npz", metavar="PATH", help="also save the samples as uint8 arrays for scoring")
     g = p.add_argument_group("I/O and system")
     g.add_argument("--data-root", default="data", help="where MNIST is, or is downloaded to")
@@ -87,6 +100,8 @@ def get_args(argv=None):
         p.error("--lr and --max-minutes must be positive and --ema-decay in [0, 1)")
     if not 0 <= args.cooldown <= 1:
         p.error("--cooldown must be a fraction in [0, 1]")
+    if not 0 < args.guide_at < 1 or args.guidance < 0:
+        p.error("--guide-at must be a fraction in (0, 1) and --guidance >= 0")
     if 28 % args.patch_size:
         p.error(f"--patch-size {args.patch_size} does not divide the 28x28 image (try 2, 4, 7 or 14)")
     if args.width % args.heads or (args.width // args.heads) % 2:
@@ -294,12 +309,29 @@ def euler_sample(velocity, noise, steps, keep_every=None):
     return x, trajectory
 
 
+def autoguided(model, guide, w):
+    """Autoguidance: v = v_guide + w (v_model - v_guide), with the guide an early copy of the model.
+
+    Early in training the model already knows roughly where digits are but draws them badly; the difference
+    between the final and the early model points the way training was improving the samples, and w > 1 goes
+    further that way. Unlike sampling from less noise it keeps most of the variety (README). (Phase 3 uses the
+    same formula with another guide: the model's own prediction without the class label.)"""
+    if w == 1:
+        return model
+
+    def velocity(x, t):
+        v_guide = guide(x, t)
+        return v_guide + w * (model(x, t) - v_guide)
+    return velocity
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: one file with everything needed to resume or to sample
 
-def save_checkpoint(path, model, ema, opt, step, config, smooth_loss):
+def save_checkpoint(path, model, ema, opt, step, config, smooth_loss, guide, guide_step):
     state = {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
              "config": config, "smooth_loss": smooth_loss, "rng": torch.get_rng_state(),
+             "guide": guide.state_dict() if guide_step is not None else None, "guide_step": guide_step,
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     tmp = path + ".tmp"
     torch.save(state, tmp)
@@ -320,17 +352,24 @@ def load_checkpoint(path, device):
 # ----------------------------------------------------------------------------------------------------------
 # Training loop
 
-def learning_rate(args, step, seconds):
-    """Linear warmup, constant, then a linear cooldown to 0 over the last --cooldown of the run. Progress is
-    steps or minutes, whichever runs out first, so a time-limited run also ends with a low learning rate."""
+def run_progress(args, step, seconds):
+    """How far the run is, from 0 to 1: in steps or in minutes, whichever runs out first."""
     progress = step / args.steps
     if args.max_minutes:
         progress = max(progress, seconds / (60 * args.max_minutes))
+    return progress
+
+
+def learning_rate(args, step, seconds):
+    """Linear warmup, constant, then a linear cooldown to 0 over the last --cooldown of the run (by run_progress,
+    so a time-limited run also ends with a low learning rate)."""
+    progress = run_progress(args, step, seconds)
     return args.lr * min(1.0, (step + 1) / args.warmup_steps, max(1.0 - progress, 0.0) / max(args.cooldown, 1e-9))
 
 
-def train(args, config, device, amp, model, ema, opt, step, data):
-    """Train until --steps or --max-minutes; checkpoints periodically, at the end, and on Ctrl-C."""
+def train(args, config, device, amp, model, ema, opt, step, data, guide, guide_step):
+    """Train until --steps or --max-minutes; checkpoints periodically, at the end, and on Ctrl-C.
+    At --guide-at of the run, the EMA weights are copied into `guide` (for autoguidance at sampling)."""
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"training {n_params / 1e6:.2f}M parameters on {device} from step {step} to {args.steps}", flush=True)
@@ -355,19 +394,22 @@ def train(args, config, device, amp, model, ema, opt, step, data):
                 for pe, pm in zip(ema.parameters(), model.parameters()):
                     pe.lerp_(pm, 1 - decay)
             step += 1
+            if guide_step is None and run_progress(args, step, time.time() - t_start) >= args.guide_at:
+                guide.load_state_dict(ema.state_dict())
+                guide_step = step
             smooth_loss = loss.item() if smooth_loss is None else 0.98 * smooth_loss + 0.02 * loss.item()
             if step % 25 == 0 or step == args.steps:
                 show_progress(step, args.steps, smooth_loss, step - start_step, time.time() - t_start, deadline)
             if step % args.ckpt_every == 0:
-                save_checkpoint(ckpt_path, model, ema, opt, step, config, smooth_loss)
+                save_checkpoint(ckpt_path, model, ema, opt, step, config, smooth_loss, guide, guide_step)
     except KeyboardInterrupt:
         print("\ninterrupted: saving a checkpoint, then sampling", flush=True)
     print(flush=True)
-    save_checkpoint(ckpt_path, model, ema, opt, step, config, smooth_loss)
+    save_checkpoint(ckpt_path, model, ema, opt, step, config, smooth_loss, guide, guide_step)
     seconds = time.time() - t_start
     return {"steps": step, "steps_this_run": step - start_step, "train_seconds": round(seconds, 1),
             "train_images_per_s": round((step - start_step) * args.batch_size / max(seconds, 1e-9), 1),
-            "params": n_params, "final_smooth_loss": smooth_loss}
+            "params": n_params, "final_smooth_loss": smooth_loss, "guide_step": guide_step}
 
 
 def show_progress(step, total, loss, steps_done, seconds, deadline):
@@ -387,8 +429,14 @@ def to_uint8(x):
     return x[..., 0] if x.shape[-1] == 1 else x
 
 
-def generate(args, model, device, amp, image_shape):
+def generate(args, model, device, amp, image_shape, guide, guide_step):
     """Sample --num-samples images in batches; write samples.png, trajectory.png and (optionally) the npz."""
+    w = args.guidance
+    if guide_step is None and w != 1:
+        print("no guide in the checkpoint (training stopped before --guide-at): sampling without autoguidance",
+              flush=True)
+        w = 1.0
+    velocity = autoguided(model, guide, w)
     gen = torch.Generator().manual_seed(args.seed)  # noise drawn on the CPU: the same images on every device
     images, strip = [], None
     t0 = time.time()
@@ -396,7 +444,7 @@ def generate(args, model, device, amp, image_shape):
         n = min(500, args.num_samples - start)
         noise = torch.randn(n, *image_shape, generator=gen).to(device)
         with amp:  # x stays fp32: x + dt * v promotes the bf16 velocity
-            x, traj = euler_sample(model, noise, args.sample_steps, keep_every=max(1, args.sample_steps // 8))
+            x, traj = euler_sample(velocity, noise, args.sample_steps, keep_every=max(1, args.sample_steps // 8))
         images.append(x.cpu())
         if strip is None:  # rows = 8 samples, columns = x_t from noise (left) to data (right)
             strip = torch.stack([xt[:8].cpu() for xt in traj], dim=1).flatten(0, 1)
@@ -409,9 +457,11 @@ def generate(args, model, device, amp, image_shape):
     if args.save_npz:
         os.makedirs(os.path.dirname(os.path.abspath(args.save_npz)), exist_ok=True)
         np.savez_compressed(args.save_npz, images=to_uint8(images))
-    print(f"sampled {len(images)} images in {seconds:.1f}s ({args.sample_steps} Euler steps) -> {args.out_dir}"
+    print(f"sampled {len(images)} images in {seconds:.1f}s ({args.sample_steps} Euler steps, autoguidance {w:g}"
+          + (f" from step {guide_step}" if w != 1 else "") + f") -> {args.out_dir}"
           + (f" and {args.save_npz}" if args.save_npz else ""), flush=True)
-    return {"num_samples": len(images), "sample_steps": args.sample_steps, "sample_seconds": round(seconds, 1)}
+    return {"num_samples": len(images), "sample_steps": args.sample_steps, "sample_seconds": round(seconds, 1),
+            "guidance": w, "guide_step": guide_step}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -436,6 +486,7 @@ def main(argv=None):
         config = state["config"]  # the model is rebuilt exactly as it was trained
     model = build_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
+    guide, guide_step = copy.deepcopy(ema), None  # the early copy for autoguidance, filled in during training
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     step, metrics = 0, {}
     if state is not None:
@@ -443,6 +494,9 @@ def main(argv=None):
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         step = state["step"]
+        if state.get("guide") is not None:
+            guide.load_state_dict(state["guide"])
+            guide_step = state["guide_step"]
         torch.set_rng_state(state["rng"].cpu())  # resume draws the same batches as an uninterrupted run
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
@@ -450,10 +504,12 @@ def main(argv=None):
 
     if not args.sample_only:
         data = load_dataset("mnist", args.data_root, train=True).to(device)
-        metrics.update(train(args, config, device, amp, model, ema, opt, step, data))
+        metrics.update(train(args, config, device, amp, model, ema, opt, step, data, guide, guide_step))
+        guide_step = metrics["guide_step"]
 
     ema.eval()
-    metrics.update(generate(args, ema, device, amp, config["image_shape"]))
+    guide.eval()
+    metrics.update(generate(args, ema, device, amp, config["image_shape"], guide, guide_step))
     metrics["wall_seconds"] = round(time.time() - run_start, 1)
     if not args.sample_only:
         with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:

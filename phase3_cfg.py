@@ -24,6 +24,9 @@ At sampling, classifier-free guidance pushes away from the unconditional predict
 
     v = v_uncond + s * (v_cond - v_uncond)       s = 1: plain conditional; s > 1: more "7-like" than a 7
 
+It is the extrapolation of phases 1-2 (autoguidance, away from an early copy of the model) with another guide:
+the model's own unconditional prediction. No copy to keep, and the push goes towards the digit asked for.
+
 Run:
     python phase3_cfg.py                                  # train (default 4,000 steps), then sample
     python phase3_cfg.py --sample-only --digit 7 --cfg-scale 5   # ten 7s from out/phase3/ckpt.pt
@@ -395,12 +398,18 @@ def load_checkpoint(path, device):
 # ----------------------------------------------------------------------------------------------------------
 # Training loop
 
-def learning_rate(args, step, seconds):
-    """Linear warmup, constant, then a linear cooldown to 0 over the last --cooldown of the run. Progress is
-    steps or minutes, whichever runs out first, so a time-limited run also ends with a low learning rate."""
+def run_progress(args, step, seconds):
+    """How far the run is, from 0 to 1: in steps or in minutes, whichever runs out first."""
     progress = step / args.steps
     if args.max_minutes:
         progress = max(progress, seconds / (60 * args.max_minutes))
+    return progress
+
+
+def learning_rate(args, step, seconds):
+    """Linear warmup, constant, then a linear cooldown to 0 over the last --cooldown of the run (by run_progress,
+    so a time-limited run also ends with a low learning rate)."""
+    progress = run_progress(args, step, seconds)
     return args.lr * min(1.0, (step + 1) / args.warmup_steps, max(1.0 - progress, 0.0) / max(args.cooldown, 1e-9))
 
 

@@ -499,12 +499,18 @@ def load_checkpoint(path, device):
 # ----------------------------------------------------------------------------------------------------------
 # Training loop
 
-def learning_rate(args, step, seconds):
-    """Linear warmup, constant, then a linear cooldown to 0 over the last --cooldown of the run. Progress is
-    steps or minutes, whichever runs out first, so a time-limited run also ends with a low learning rate."""
+def run_progress(args, step, seconds):
+    """How far the run is, from 0 to 1: in steps or in minutes, whichever runs out first."""
     progress = step / args.steps
     if args.max_minutes:
         progress = max(progress, seconds / (60 * args.max_minutes))
+    return progress
+
+
+def learning_rate(args, step, seconds):
+    """Linear warmup, constant, then a linear cooldown to 0 over the last --cooldown of the run (by run_progress,
+    so a time-limited run also ends with a low learning rate)."""
+    progress = run_progress(args, step, seconds)
     return args.lr * min(1.0, (step + 1) / args.warmup_steps, max(1.0 - progress, 0.0) / max(args.cooldown, 1e-9))
 
 

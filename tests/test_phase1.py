@@ -66,6 +66,17 @@ def test_euler_integrates_a_constant_field_and_keeps_a_trajectory():
     assert len(traj) == 5 and torch.allclose(traj[2], a / 2)  # after 4 of 8 steps, halfway
 
 
+def test_autoguidance_extrapolates_from_the_guide():
+    model = lambda x, t: torch.full_like(x, 2.0)  # noqa: E731
+    guide = lambda x, t: torch.full_like(x, 0.5)  # noqa: E731
+    x, t = torch.randn(2, 1, 28, 28), torch.rand(2)
+    assert p1.autoguided(model, guide, 1.0) is model  # w = 1: the plain model, the guide is never run
+    for w in (0.0, 3.0):
+        assert torch.allclose(p1.autoguided(model, guide, w)(x, t), torch.full_like(x, 0.5 + w * 1.5))
+    # guiding a model with itself changes nothing, whatever w
+    assert torch.allclose(p1.autoguided(model, model, 5.0)(x, t), model(x, t))
+
+
 def test_time_embedding_really_varies_over_unit_interval():
     emb = p1.TimeEmbedding(32)
     angles = torch.linspace(0, 1, 11)[:, None] * emb.freqs * torch.pi
@@ -113,6 +124,40 @@ def test_resume_reaches_the_same_state_as_one_run(tmp_path, mnist_root):
         assert torch.equal(a["ema"][k], b["ema"][k]), k
 
 
+def test_guide_is_the_ema_at_guide_at_and_survives_resume(tmp_path, mnist_root):
+    out = tmp_path / "run"
+    common = ["--data-root", mnist_root, "--out-dir", out, *FAST[2:], "--guide-at", 0.5]
+    r = run_script("phase1_flow.py", "--steps", 4, *common, "--ckpt-every", 2)
+    assert r.returncode == 0, r.stderr
+    assert f"autoguidance {p1.GUIDANCE:g} from step 2" in r.stdout
+    first = load_ckpt(out / "ckpt.pt")
+    assert first["guide_step"] == 2  # 2 of 4 steps = 0.5
+    assert any(not torch.equal(first["guide"][k], first["ema"][k]) for k in first["ema"])  # an earlier model
+    r = run_script("phase1_flow.py", "--steps", 6, "--resume", *common)
+    assert r.returncode == 0, r.stderr
+    second = load_ckpt(out / "ckpt.pt")
+    assert second["step"] == 6 and second["guide_step"] == 2
+    for k in first["guide"]:
+        assert torch.equal(first["guide"][k], second["guide"][k]), k
+
+
+def test_guidance_changes_the_samples_and_old_checkpoints_sample_without_it(tmp_path, mnist_root):
+    out = tmp_path / "run"
+    assert run_script("phase1_flow.py", "--data-root", mnist_root, "--out-dir", out, *FAST).returncode == 0
+    sample = ["--out-dir", out, "--sample-only", "--num-samples", 6, "--device", "cpu"]
+    for name, extra in (("plain", ["--guidance", 1]), ("guided", [])):
+        assert run_script("phase1_flow.py", *sample, *extra, "--save-npz", tmp_path / f"{name}.npz").returncode == 0
+    plain, guided = (np.load(tmp_path / f"{n}.npz")["images"] for n in ("plain", "guided"))
+    assert not np.array_equal(plain, guided)
+    # a checkpoint without a guide (e.g. from before autoguidance) samples as --guidance 1, and says so
+    state = load_ckpt(out / "ckpt.pt")
+    state["guide"], state["guide_step"] = None, None
+    torch.save(state, out / "ckpt.pt")
+    r = run_script("phase1_flow.py", *sample, "--save-npz", tmp_path / "old.npz")
+    assert r.returncode == 0 and "without autoguidance" in r.stdout, r.stderr
+    assert np.array_equal(np.load(tmp_path / "old.npz")["images"], plain)
+
+
 def test_sample_only_is_reproducible_with_seed(tmp_path, mnist_root):
     out = tmp_path / "run"
     assert run_script("phase1_flow.py", "--data-root", mnist_root, "--out-dir", out, *FAST).returncode == 0
@@ -148,7 +193,8 @@ def test_missing_dataset_offline_is_a_clean_error(tmp_path):
     assert_clean_error(r, "--data-root")
 
 
-@pytest.mark.parametrize("bad", [["--steps", "0"], ["--device", "tpu"], ["--width", "12"], ["--lr", "-1"]])
+@pytest.mark.parametrize("bad", [["--steps", "0"], ["--device", "tpu"], ["--width", "12"], ["--lr", "-1"],
+                                 ["--guide-at", "1"], ["--guidance", "-1"]])
 def test_bad_flags_are_clean_errors(tmp_path, bad):
     r = run_script("phase1_flow.py", "--out-dir", tmp_path, "--sample-only", *bad)
     assert_clean_error(r)

@@ -58,7 +58,14 @@ def test_cli_trains_and_writes_everything(tmp_path, mnist_root):
     for name in ("samples.png", "trajectory.png", "ckpt.pt", "metrics.json"):
         assert (out / name).exists(), name
     assert np.load(tmp_path / "s.npz")["images"].shape == (6, 28, 28)
-    assert load_ckpt(out / "ckpt.pt")["config"]["patch_size"] == 4
+    ckpt = load_ckpt(out / "ckpt.pt")
+    assert ckpt["config"]["patch_size"] == 4
+    # autoguidance, as in phase 1: the guide is the EMA at 60% of the run (step 3 of 4), and it changes the samples
+    assert ckpt["guide_step"] == 3 and f"autoguidance {p2.GUIDANCE:g} from step 3" in r.stdout
+    r = run_script("phase2_dit.py", "--out-dir", out, "--sample-only", "--num-samples", 6, "--sample-steps", 3,
+                   "--guidance", 1, "--device", "cpu", "--save-npz", tmp_path / "plain.npz")
+    assert r.returncode == 0, r.stderr
+    assert not np.array_equal(np.load(tmp_path / "plain.npz")["images"], np.load(tmp_path / "s.npz")["images"])
 
 
 @pytest.mark.parametrize("size", ["5", "3", "0"])
