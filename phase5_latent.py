@@ -94,7 +94,7 @@ def get_args(argv=None):
     g.add_argument("--max-minutes", type=float, default=None, help="stop training after this much wall time")
     g.add_argument("--batch-size", type=int, default=128)
     g.add_argument("--lr", type=float, default=1e-3,
-                   help="peak AdamW learning rate, after warmup (phase 2 uses 2e-3; this phase was measured at 1e-3)")
+                   help="peak AdamW learning rate, after warmup (phases 1-2 use 4e-3; this phase was measured at 1e-3)")
     g.add_argument("--warmup-steps", type=int, default=200, help="linear learning-rate warmup")
     g.add_argument("--cooldown", type=float, default=0.3,
                    help="fraction of the run (steps or minutes, whichever ends first) with the lr decaying to 0")

@@ -77,6 +77,20 @@ def test_autoguidance_extrapolates_from_the_guide():
     assert torch.allclose(p1.autoguided(model, model, 5.0)(x, t), model(x, t))
 
 
+def test_autoguidance_only_inside_its_interval():
+    calls = []
+    model = lambda x, t: torch.full_like(x, 2.0)  # noqa: E731
+    guide = lambda x, t: calls.append(t[0].item()) or torch.full_like(x, 0.5)  # noqa: E731
+    velocity, x = p1.autoguided(model, guide, 3.0, until=0.5), torch.randn(2, 1, 28, 28)
+    assert torch.allclose(velocity(x, torch.full((2,), 0.25)), torch.full_like(x, 0.5 + 3.0 * 1.5))
+    assert torch.equal(velocity(x, torch.full((2,), 0.5)), model(x, x))  # from t = until on: the plain model
+    assert calls == [0.25]                                                # ... and the guide is not run
+    # in the sampler: the guide runs for the first half of the Euler steps only
+    calls.clear()
+    p1.euler_sample(velocity, x, steps=10)
+    assert calls == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+
+
 def test_time_embedding_really_varies_over_unit_interval():
     emb = p1.TimeEmbedding(32)
     angles = torch.linspace(0, 1, 11)[:, None] * emb.freqs * torch.pi
@@ -194,7 +208,8 @@ def test_missing_dataset_offline_is_a_clean_error(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [["--steps", "0"], ["--device", "tpu"], ["--width", "12"], ["--lr", "-1"],
-                                 ["--guide-at", "1"], ["--guidance", "-1"]])
+                                 ["--guide-at", "1"], ["--guidance", "-1"], ["--guide-until", "0"],
+                                 ["--guide-until", "1.5"]])
 def test_bad_flags_are_clean_errors(tmp_path, bad):
     r = run_script("phase1_flow.py", "--out-dir", tmp_path, "--sample-only", *bad)
     assert_clean_error(r)

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -59,9 +61,12 @@ def test_cli_trains_and_writes_everything(tmp_path, mnist_root):
         assert (out / name).exists(), name
     assert np.load(tmp_path / "s.npz")["images"].shape == (6, 28, 28)
     ckpt = load_ckpt(out / "ckpt.pt")
-    assert ckpt["config"]["patch_size"] == 4
-    # autoguidance, as in phase 1: the guide is the EMA at 60% of the run (step 3 of 4), and it changes the samples
-    assert ckpt["guide_step"] == 3 and f"autoguidance {p2.GUIDANCE:g} from step 3" in r.stdout
+    assert ckpt["config"]["patch_size"] == 7  # the default: 16 tokens of 7x7 pixels
+    # autoguidance, as in phase 1: the guide is the EMA at --guide-at of the run, used while t < --guide-until,
+    # and it changes the samples
+    guide_step = math.ceil(p2.GUIDE_AT * 4)
+    assert ckpt["guide_step"] == guide_step
+    assert f"autoguidance {p2.GUIDANCE:g} from step {guide_step} while t < {p2.GUIDE_UNTIL:g}" in r.stdout
     r = run_script("phase2_dit.py", "--out-dir", out, "--sample-only", "--num-samples", 6, "--sample-steps", 3,
                    "--guidance", 1, "--device", "cpu", "--save-npz", tmp_path / "plain.npz")
     assert r.returncode == 0, r.stderr
