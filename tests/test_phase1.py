@@ -83,8 +83,9 @@ def test_autoguidance_only_inside_its_interval():
     guide = lambda x, t: calls.append(t[0].item()) or torch.full_like(x, 0.5)  # noqa: E731
     velocity, x = p1.autoguided(model, guide, 3.0, until=0.5), torch.randn(2, 1, 28, 28)
     assert torch.allclose(velocity(x, torch.full((2,), 0.25)), torch.full_like(x, 0.5 + 3.0 * 1.5))
-    assert torch.equal(velocity(x, torch.full((2,), 0.5)), model(x, x))  # from t = until on: the plain model
-    assert calls == [0.25]                                                # ... and the guide is not run
+    t_end = torch.full((2,), 0.5)
+    assert torch.equal(velocity(x, t_end), model(x, t_end))  # from t = until on: the plain model
+    assert calls == [0.25]                                   # ... and the guide is not run
     # in the sampler: the guide runs for the first half of the Euler steps only
     calls.clear()
     p1.euler_sample(velocity, x, steps=10)
