@@ -923,11 +923,17 @@ def main(argv=None):
         not have_vae or (args.resume and vae_step < args.vae_steps))))
     train_flow_now = not args.sample_only and (args.stage == "flow" or (args.stage == "all" and (
         not have_ckpt or args.resume)))
+    state = None
+    if have_ckpt and args.stage != "vae" and (not train_flow_now or args.resume or args.stage == "flow"):
+        state = load_checkpoint(ckpt_path, device)
+    # Sampling needs no data: the flow checkpoint keeps the latent scale and the class names (older ones do not).
+    need_data = train_vae_now or train_flow_now or state is None or "latent_scale" not in state["config"]
 
     # Data: the whole dataset as one uint8 tensor; a fixed held-out set for the VAE's PSNR.
-    data = load_dataset(args.data, args.data_root, image_size=args.image_size).to(device)
-    args.classes = data.classes
-    train_data, holdout = split_holdout(data)
+    if need_data:
+        data = load_dataset(args.data, args.data_root, image_size=args.image_size).to(device)
+        args.classes = data.classes
+        train_data, holdout = split_holdout(data)
 
     # Stage 1: the VAE. With --stage all and --max-minutes, it may use --vae-share of the budget.
     if train_vae_now:
@@ -949,19 +955,24 @@ def main(argv=None):
         return
 
     # Encode once: every training image (and its mirror) becomes a cached, unit-variance latent.
-    latents, scale = encode_dataset(vae, train_data, vae_step, os.path.join(args.out_dir, "latents.pt"))
-    metrics["latent_scale"] = round(scale, 5)
-    latent_shape = list(latents.latents.shape[1:])
-    print(f"latents {latent_shape} ({3 * args.image_size ** 2 / latents.latents[0].numel():.0f}x fewer numbers "
-          f"than pixels), scale factor {scale:.4f}", flush=True)
+    if need_data:
+        latents, scale = encode_dataset(vae, train_data, vae_step, os.path.join(args.out_dir, "latents.pt"))
+        metrics["latent_scale"] = round(scale, 5)
+        latent_shape = list(latents.latents.shape[1:])
+        print(f"latents {latent_shape} ({3 * args.image_size ** 2 / latents.latents[0].numel():.0f}x fewer "
+              f"numbers than pixels), scale factor {scale:.4f}", flush=True)
 
     # Stage 2: the text-conditional DiT of phase 4, on latents.
-    config = {"image_shape": latent_shape, "patch_size": args.patch_size, "depth": args.depth, "width": args.width,
-              "heads": args.heads, "clip_model": args.clip_model, "pooled_text": args.pooled_text}
-    state = None
-    if have_ckpt and (not train_flow_now or args.resume or args.stage == "flow"):
-        state = load_checkpoint(ckpt_path, device)
+    if state is not None:
         config = state["config"]  # the model is rebuilt exactly as it was trained, with the same CLIP
+    else:
+        config = {"image_shape": latent_shape, "patch_size": args.patch_size, "depth": args.depth,
+                  "width": args.width, "heads": args.heads, "clip_model": args.clip_model,
+                  "pooled_text": args.pooled_text}
+    if need_data:
+        config.update(latent_scale=scale, classes=list(data.classes))
+    else:
+        scale, args.classes = config["latent_scale"], config["classes"]
     encoder = CLIPTextEncoder(config["clip_model"], device)
     args.prompt = args.prompt or [TEMPLATES[0].format(name) for name in DEFAULT_FLOWERS]
     check_prompts(args.prompt, encoder)

@@ -110,12 +110,17 @@ def test_cli_trains_both_stages_resumes_the_vae_and_samples(tmp_path, tiny_clip)
     assert metrics["steps"] == 3 and np.isfinite(metrics["vae_psnr_db"]) and metrics["latent_scale"] > 0
     assert metrics["latent_speedup"] > 1
     assert load_ckpt(out / "ckpt.pt")["config"]["image_shape"] == [4, 16, 16]
-    # Both checkpoints exist: the next call samples straight away, and leaves the training metrics alone.
-    r = run_script("phase5_latent.py", "--data", folder, "--out-dir", out, "--num-samples", 1, "--sample-steps", 2,
-                   "--device", "cpu")
+    ckpt = load_ckpt(out / "ckpt.pt")
+    assert ckpt["config"]["classes"] == ["daisy", "rose", "tulip"]
+    assert ckpt["config"]["latent_scale"] == pytest.approx(metrics["latent_scale"], abs=1e-5)
+    # Both checkpoints exist: the next call samples straight away, and leaves the training metrics alone. It needs
+    # no data: the scale and the class names (for the npz labels) come from the checkpoint.
+    r = run_script("phase5_latent.py", "--data-root", tmp_path / "nowhere", "--out-dir", out, "--num-samples", 1,
+                   "--sample-steps", 2, "--device", "cpu", "--prompt", "two tulips", "--save-npz", tmp_path / "t.npz")
     assert r.returncode == 0, r.stderr
-    assert "training" not in r.stdout
+    assert "training" not in r.stdout and "latents:" not in r.stdout
     assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert np.load(tmp_path / "t.npz")["labels"].tolist() == [2]
     # The flow stage resumes from its own checkpoint (the finished VAE is left alone).
     r = run_script("phase5_latent.py", "--resume", "--vae-steps", 4, "--steps", 5, "--prompt", "a photo of a rose",
                    *common)
