@@ -47,7 +47,8 @@ from common import autocast, fail, get_device, load_dataset
 
 GUIDANCE = 4.0   # default autoguidance weight (README: the sweep over w and --guide-at)
 GUIDE_AT = 0.2   # the guide is the EMA model at 20% of the run
-GUIDE_UNTIL = 1.0  # guide from noise (t=0) all the way to data (t=1); phase 2 stops at 0.5 (README)
+GUIDE_FROM = 0.0   # guide from noise (t=0) ...
+GUIDE_UNTIL = 1.0  # ... all the way to data (t=1); phase 2 guides only 0.1 <= t < 0.5 (README)
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Phase 1: unconditional flow matching on MNIST with a small CNN.")
@@ -76,6 +77,8 @@ def get_args(argv=None):
                    help="autoguidance weight w: v = v_early + w (v - v_early); 1 = off (README table)")
     g.add_argument("--guide-at", type=float, default=GUIDE_AT,
                    help="when to keep the early copy (the guide): this fraction of the run (steps or minutes)")
+    g.add_argument("--guide-from", type=float, default=GUIDE_FROM,
+                   help="guide only from this t on (t=0 noise, t=1 data); before it the plain model is used")
     g.add_argument("--guide-until", type=float, default=GUIDE_UNTIL,
                    help="guide only while t < this (t=0 noise, t=1 data); after it the plain model is used")
     g.add_argument("--save-npz", metavar="PATH", help="also save the samples as uint8 arrays for scoring")
@@ -96,8 +99,8 @@ def get_args(argv=None):
         p.error("--lr and --max-minutes must be positive and --ema-decay in [0, 1)")
     if not 0 <= args.cooldown <= 1:
         p.error("--cooldown must be a fraction in [0, 1]")
-    if not 0 < args.guide_at < 1 or not 0 < args.guide_until <= 1 or args.guidance < 0:
-        p.error("--guide-at must be a fraction in (0, 1), --guide-until in (0, 1] and --guidance >= 0")
+    if not 0 < args.guide_at < 1 or not 0 <= args.guide_from < args.guide_until <= 1 or args.guidance < 0:
+        p.error("--guide-at must be a fraction in (0, 1), 0 <= --guide-from < --guide-until <= 1 and --guidance >= 0")
     if args.width % 8:
         p.error("--width must be a multiple of 8 (GroupNorm uses 8 groups)")
     if args.sample_only and args.resume:
@@ -214,20 +217,21 @@ def euler_sample(velocity, noise, steps, keep_every=None):
     return x, trajectory
 
 
-def autoguided(model, guide, w, until=1.0):
-    """Autoguidance: v = v_guide + w (v_model - v_guide) while t < until, with the guide an early copy of the model.
+def autoguided(model, guide, w, start=0.0, until=1.0):
+    """Autoguidance: v = v_guide + w (v_model - v_guide) for start <= t < until, the guide an early copy of the model.
 
     Early in training the model already knows roughly where digits are but draws them badly; the difference
     between the final and the early model points the way training was improving the samples, and w > 1 goes
     further that way. Unlike sampling from less noise it keeps most of the variety (README). (Phase 3 uses the
-    same formula with another guide: the model's own prediction without the class label.) With until < 1 only the
-    noisy start of the path is guided, where the digit's shape is decided; the guide is skipped after it (README)."""
+    same formula with another guide: the model's own prediction without the class label.) Guiding only part of the
+    path (Kynkaanniemi et al., 2024): the very first steps pick which digit it becomes, and guiding them makes the
+    easy ones commoner; the middle decides its shape; near the data the guide only costs time (README)."""
     if w == 1:
         return model
 
     def velocity(x, t):
         v = model(x, t)
-        if t[0] >= until:  # the sampler moves the whole batch with one t; past `until` the guide is not run
+        if not start <= t[0] < until:  # the sampler moves the whole batch with one t; outside, no guide is run
             return v
         v_guide = guide(x, t)
         return v_guide + w * (v - v_guide)
@@ -345,7 +349,7 @@ def generate(args, model, device, amp, image_shape, guide, guide_step):
         print("no guide in the checkpoint (training stopped before --guide-at): sampling without autoguidance",
               flush=True)
         w = 1.0
-    velocity = autoguided(model, guide, w, args.guide_until)
+    velocity = autoguided(model, guide, w, args.guide_from, args.guide_until)
     gen = torch.Generator().manual_seed(args.seed)  # noise drawn on the CPU: the same images on every device
     images, strip = [], None
     t0 = time.time()
@@ -366,12 +370,14 @@ def generate(args, model, device, amp, image_shape, guide, guide_step):
     if args.save_npz:
         os.makedirs(os.path.dirname(os.path.abspath(args.save_npz)), exist_ok=True)
         np.savez_compressed(args.save_npz, images=to_uint8(images))
-    print(f"sampled {len(images)} images in {seconds:.1f}s ({args.sample_steps} Euler steps, autoguidance {w:g}"
-          + (f" from step {guide_step}" if w != 1 else "")
-          + (f" while t < {args.guide_until:g}" if w != 1 and args.guide_until < 1 else "") + f") -> {args.out_dir}"
+    how = f"autoguidance {w:g}" + (f" from step {guide_step}" if w != 1 else "")
+    if w != 1 and (args.guide_from > 0 or args.guide_until < 1):
+        how += f" for {args.guide_from:g} <= t < {args.guide_until:g}"
+    print(f"sampled {len(images)} images in {seconds:.1f}s ({args.sample_steps} Euler steps, {how}) -> {args.out_dir}"
           + (f" and {args.save_npz}" if args.save_npz else ""), flush=True)
     return {"num_samples": len(images), "sample_steps": args.sample_steps, "sample_seconds": round(seconds, 1),
-            "guidance": w, "guide_step": guide_step, "guide_until": args.guide_until}
+            "guidance": w, "guide_step": guide_step, "guide_from": args.guide_from,
+            "guide_until": args.guide_until}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -81,15 +81,16 @@ def test_autoguidance_only_inside_its_interval():
     calls = []
     model = lambda x, t: torch.full_like(x, 2.0)  # noqa: E731
     guide = lambda x, t: calls.append(t[0].item()) or torch.full_like(x, 0.5)  # noqa: E731
-    velocity, x = p1.autoguided(model, guide, 3.0, until=0.5), torch.randn(2, 1, 28, 28)
+    velocity, x = p1.autoguided(model, guide, 3.0, start=0.2, until=0.5), torch.randn(2, 1, 28, 28)
     assert torch.allclose(velocity(x, torch.full((2,), 0.25)), torch.full_like(x, 0.5 + 3.0 * 1.5))
-    t_end = torch.full((2,), 0.5)
-    assert torch.equal(velocity(x, t_end), model(x, t_end))  # from t = until on: the plain model
-    assert calls == [0.25]                                   # ... and the guide is not run
-    # in the sampler: the guide runs for the first half of the Euler steps only
+    for t_out in (0.1, 0.5):  # before start and from until on: the plain model ...
+        t_out = torch.full((2,), t_out)
+        assert torch.equal(velocity(x, t_out), model(x, t_out))
+    assert calls == [0.25]    # ... and the guide is not run
+    # in the sampler: the guide runs only for the Euler steps that start inside [0.2, 0.5)
     calls.clear()
     p1.euler_sample(velocity, x, steps=10)
-    assert calls == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    assert calls == pytest.approx([0.2, 0.3, 0.4])
 
 
 def test_time_embedding_really_varies_over_unit_interval():
@@ -210,7 +211,8 @@ def test_missing_dataset_offline_is_a_clean_error(tmp_path):
 
 @pytest.mark.parametrize("bad", [["--steps", "0"], ["--device", "tpu"], ["--width", "12"], ["--lr", "-1"],
                                  ["--guide-at", "1"], ["--guidance", "-1"], ["--guide-until", "0"],
-                                 ["--guide-until", "1.5"]])
+                                 ["--guide-until", "1.5"], ["--guide-from", "-0.1"],
+                                 ["--guide-from", "0.6", "--guide-until", "0.5"]])
 def test_bad_flags_are_clean_errors(tmp_path, bad):
     r = run_script("phase1_flow.py", "--out-dir", tmp_path, "--sample-only", *bad)
     assert_clean_error(r)

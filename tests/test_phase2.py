@@ -62,11 +62,13 @@ def test_cli_trains_and_writes_everything(tmp_path, mnist_root):
     assert np.load(tmp_path / "s.npz")["images"].shape == (6, 28, 28)
     ckpt = load_ckpt(out / "ckpt.pt")
     assert ckpt["config"]["patch_size"] == 7  # the default: 16 tokens of 7x7 pixels
-    # autoguidance, as in phase 1: the guide is the EMA at --guide-at of the run, used while t < --guide-until,
-    # and it changes the samples
+    # autoguidance, as in phase 1: the guide is the EMA at --guide-at of the run, used for --guide-from <= t <
+    # --guide-until, and it changes the samples
     guide_step = math.ceil(p2.GUIDE_AT * 4)
     assert ckpt["guide_step"] == guide_step
-    assert f"autoguidance {p2.GUIDANCE:g} from step {guide_step} while t < {p2.GUIDE_UNTIL:g}" in r.stdout
+    assert (f"autoguidance {p2.GUIDANCE:g} from step {guide_step} for {p2.GUIDE_FROM:g} <= t < {p2.GUIDE_UNTIL:g}"
+            in r.stdout)
+    assert p2.GUIDE_FROM > 0 and p2.GUIDE_UNTIL < 1  # phase 2 guides only the middle of the path
     r = run_script("phase2_dit.py", "--out-dir", out, "--sample-only", "--num-samples", 6, "--sample-steps", 3,
                    "--guidance", 1, "--device", "cpu", "--save-npz", tmp_path / "plain.npz")
     assert r.returncode == 0, r.stderr
