@@ -109,8 +109,8 @@ def test_cli_trains_both_stages_resumes_the_vae_and_samples(tmp_path, tiny_clip)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 3 and np.isfinite(metrics["vae_psnr_db"]) and metrics["latent_scale"] > 0
     assert metrics["latent_speedup"] > 1
-    assert load_ckpt(out / "ckpt.pt")["config"]["image_shape"] == [4, 16, 16]
     ckpt = load_ckpt(out / "ckpt.pt")
+    assert ckpt["config"]["image_shape"] == [4, 16, 16]
     assert ckpt["config"]["classes"] == ["daisy", "rose", "tulip"]
     assert ckpt["config"]["latent_scale"] == pytest.approx(metrics["latent_scale"], abs=1e-5)
     # Both checkpoints exist: the next call samples straight away, and leaves the training metrics alone. It needs
