@@ -1,16 +1,20 @@
 """
-The only code the phases share: picking a device and loading a dataset into memory.
+What the phases share: picking a device, checking the command line, and loading a dataset into memory.
 
 A dataset becomes ONE uint8 tensor (N, C, H, W) plus int64 labels, kept on the training device.
 A training batch is then a random index into that tensor: no DataLoader workers, no PIL in the loop.
 MNIST is 47 MB and CIFAR-10 150 MB as uint8, so both fit on any GPU, MPS device or laptop RAM.
 """
+import argparse
 import hashlib
+import math
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torchvision
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -18,6 +22,31 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 def fail(message):
     """Stop the script with a one-line error on stderr and exit code 1 (no traceback)."""
     raise SystemExit(f"error: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line: numbers are checked when they are read, so a bad one stops the run before any work starts
+
+def number(kind, low=0, low_ok=False):
+    """An argparse type: a finite `kind` (int or float) above `low` (or equal to it, with low_ok)."""
+    def parse(text):
+        value = kind(text)  # not a number: argparse says "invalid int value" / "invalid float value"
+        if not math.isfinite(value) or value < low or (value == low and not low_ok):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {'>=' if low_ok else '>'} {low}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def check_writable(out_dir, npz=None):
+    """Create --out-dir and make sure it (and --save-npz's folder) can be written now, not after an hour of training."""
+    for folder in (out_dir, npz and os.path.dirname(os.path.abspath(npz))):
+        try:
+            os.makedirs(folder or ".", exist_ok=True)
+            open(os.path.join(folder or ".", ".write-test"), "w").close()
+            os.remove(os.path.join(folder or ".", ".write-test"))
+        except OSError as e:
+            fail(f"cannot write to {folder!r} ({e.strerror}): choose another --out-dir / --save-npz")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -35,24 +64,25 @@ def get_device(name="auto"):
         fail("--device mps: Apple's MPS backend is not available here (use --device auto or --device cpu)")
     elif name not in ("cpu", "cuda", "mps"):
         fail(f"unknown --device {name!r}: choose auto, cpu, cuda or mps")
+    if name == "cpu":  # PyTorch's fused CPU attention kernel trains ~2x slower than its plain-matmul version;
+        torch.backends.cuda.enable_flash_sdp(False)  # despite the name, this flag also switches the CPU kernel
     return torch.device(name)
 
 
 def autocast(device, precision="auto"):
-    """Mixed precision: convs and matmuls run in bfloat16 where the hardware is fast at it; weights stay fp32.
+    """Mixed precision: matmuls and convs in bfloat16 where the hardware is fast at it; weights stay fp32.
 
-    'auto' uses bf16 on CUDA GPUs that support it and on CPUs with native bf16 (AVX-512 BF16 / AMX: 2-3x faster
-    training here), and fp32 on MPS and older CPUs, where bf16 would be slow or unsupported."""
+    'auto' means bf16 on CUDA GPUs that support it and on CPUs with native bf16 (AVX-512 BF16 / AMX), and fp32 on
+    MPS and older CPUs, where bf16 would be slow or unsupported."""
     if precision == "auto":
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        precision = "fp32"
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            precision = "bf16"
         elif device.type == "cpu":
             try:
                 precision = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
             except (AttributeError, RuntimeError):
-                precision = "fp32"
-        else:
-            precision = "fp32"
+                pass
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
@@ -78,17 +108,24 @@ class ImageData:
         return x, self.labels[idx]
 
 
-def missing_data(what, root, why):
-    fail(f"could not load {what} from {os.path.abspath(root)!r} and could not download it ({why}).\n"
-         f"  If you are offline, point --data-root at a folder that already holds it, e.g. --data-root ../shared/data")
+def download(what, root, make):
+    """Run torchvision's loader `make()` (it reads local files, else downloads); failure is one clear line, and
+    folders it left empty behind at a mistyped --data-root are removed."""
+    existed = os.path.isdir(root)
+    try:
+        return make()
+    except Exception as e:  # noqa: BLE001 - offline, a bad mirror, a read-only root: all end the same way
+        if not existed:
+            for folder, _, _ in sorted(os.walk(root), reverse=True):
+                if not os.listdir(folder):
+                    os.rmdir(folder)
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        fail(f"could not load {what} from {os.path.abspath(root)!r} and could not download it ({why}). "
+             f"If you are offline, point --data-root at a folder that already holds it")
 
 
 def load_mnist(root, train=True):
-    import torchvision
-    try:  # reads <root>/MNIST/raw/*-ubyte when present; downloads otherwise
-        ds = torchvision.datasets.MNIST(root, train=train, download=True)
-    except Exception as e:  # noqa: BLE001 - offline, a bad mirror, a read-only root: all end the same way
-        missing_data("MNIST", root, f"{type(e).__name__}: {e}".splitlines()[0])
+    ds = download("MNIST", root, lambda: torchvision.datasets.MNIST(root, train=train, download=True))
     return ImageData(ds.data.unsqueeze(1).contiguous(), ds.targets.long(), [str(i) for i in range(10)])
 
 
@@ -97,11 +134,7 @@ def load_cifar10(root, train=True):
     folder = os.path.join(root, "cifar10", "train" if train else "test")
     if os.path.isdir(folder):
         return load_image_folder(folder, image_size=32)
-    import torchvision
-    try:
-        ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
-    except Exception as e:  # noqa: BLE001
-        missing_data("CIFAR-10", root, f"{type(e).__name__}: {e}".splitlines()[0])
+    ds = download("CIFAR-10", root, lambda: torchvision.datasets.CIFAR10(root, train=train, download=True))
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) -> (N, 3, 32, 32)
     return ImageData(images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes))
 
@@ -112,7 +145,8 @@ def cache_dir():
 
 
 def load_image_folder(folder, image_size):
-    """An ImageFolder tree (one sub-folder per class), resized and centre-cropped to image_size, cached as .pt."""
+    """An ImageFolder tree (one sub-folder per class), resized and centre-cropped, cached as .pt. Files that are
+    not readable images are skipped with one warning that names them."""
     if not os.path.isdir(folder):
         fail(f"image folder {folder!r} does not exist")
     classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
@@ -120,45 +154,45 @@ def load_image_folder(folder, image_size):
              if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
         fail(f"no images found in {folder!r} (expected {folder}/<class name>/<image>.jpg)")
-    # The cache key covers the folder, the size and every file's name and byte size, so edits invalidate it.
-    key = hashlib.sha1(repr((os.path.abspath(folder), image_size,
-                             [(p, os.path.getsize(p)) for _, p in files])).encode()).hexdigest()[:16]
+    # The cache key covers the folder, the size and every file's name, byte size and time, so edits invalidate it.
+    key = hashlib.sha1(repr((os.path.abspath(folder), image_size, [(p, os.path.getsize(p), os.path.getmtime(p))
+                                                                   for _, p in files])).encode()).hexdigest()[:16]
     cache = os.path.join(cache_dir(), f"{os.path.basename(os.path.normpath(folder))}-{image_size}px-{key}.pt")
-    data = load_cache(cache)
-    if data is not None:
-        return data
+    return cached(cache, lambda: decode_folder(folder, files, classes, image_size))
+
+
+def decode_folder(folder, files, classes, image_size):
     from PIL import Image
-    label_of = {c: i for i, c in enumerate(classes)}
     print(f"decoding {len(files)} images from {folder} (once; cached in {cache_dir()})", flush=True)
-    images = np.stack([square_crop(Image.open(path), image_size) for _, path in files])
-    data = ImageData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
-                     torch.tensor([label_of[c] for c, _ in files], dtype=torch.long), classes)
-    return save_cache(cache, data)
+    images, labels, bad = [], [], []
+    for c, path in files:
+        try:
+            images.append(square_crop(Image.open(path), image_size))
+            labels.append(classes.index(c))
+        except OSError:  # not an image after all, truncated, or unreadable: skipped, and named below
+            bad.append(os.path.relpath(path, folder))
+    if bad:
+        print(f"warning: skipped {len(bad)} unreadable file(s): {', '.join(bad[:5])}", file=sys.stderr, flush=True)
+    if not images:
+        fail(f"none of the images in {folder!r} could be read")
+    return np.stack(images), labels, classes
 
 
 def square_crop(im, image_size):
-    """A PIL image -> (image_size, image_size, 3) uint8: shorter side resized to image_size, then centre-cropped."""
-    from PIL import Image
+    """A PIL image -> (image_size, image_size, 3) uint8: centre-cropped to a square, then resized."""
+    from PIL import Image, ImageOps
     with im:
-        im = im.convert("RGB")
-        if im.size != (image_size, image_size):
-            scale = image_size / min(im.size)
-            w, h = max(image_size, round(im.width * scale)), max(image_size, round(im.height * scale))
-            im = im.resize((w, h), Image.BICUBIC)
-            left, top = (w - image_size) // 2, (h - image_size) // 2
-            im = im.crop((left, top, left + image_size, top + image_size))
-        return np.asarray(im)
+        return np.asarray(ImageOps.fit(im.convert("RGB"), (image_size, image_size), Image.BICUBIC))
 
 
-def load_cache(path):
+def cached(path, build):
+    """The ImageData that build() makes, saved at path (atomically) and read back from there next time."""
     try:
-        d = torch.load(path)
+        d = torch.load(path, weights_only=True)
         return ImageData(d["images"], d["labels"], d["classes"])
     except Exception:  # noqa: BLE001 - missing or broken: rebuilt, never fatal
-        return None
-
-
-def save_cache(path, data):
+        images, labels, classes = build()   # (N, H, W, 3) uint8 array, list of ints, list of names
+    data = ImageData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels), classes)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save({"images": data.images, "labels": data.labels, "classes": data.classes}, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a half cache behind
@@ -167,36 +201,22 @@ def save_cache(path, data):
 
 def load_flowers102(root, image_size=64):
     """Oxford Flowers-102 through torchvision, all three splits pooled (8,189 images), square, cached as .pt."""
-    import torchvision
     key = hashlib.sha1(repr((os.path.abspath(root), image_size)).encode()).hexdigest()[:16]
-    cache = os.path.join(cache_dir(), f"flowers102-{image_size}px-{key}.pt")
-    data = load_cache(cache)
-    if data is not None:
-        return data
-    try:  # reads <root>/flowers-102/ when present; downloads otherwise (needs scipy for the .mat label files)
-        splits = [torchvision.datasets.Flowers102(root, split=s, download=True) for s in ("train", "val", "test")]
-    except Exception as e:  # noqa: BLE001
-        missing_data("Flowers-102", root, f"{type(e).__name__}: {e}".splitlines()[0])
-    n = sum(len(ds) for ds in splits)
-    print(f"decoding {n} Flowers-102 images (once; cached in {cache_dir()})", flush=True)
-    images, labels = [], []
-    for ds in splits:
-        for i in range(len(ds)):
-            im, label = ds[i]
-            images.append(square_crop(im, image_size))
-            labels.append(label)
-    classes = [c.rstrip("?") for c in splits[0].classes]  # torchvision writes "pink-yellow dahlia?"
-    data = ImageData(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
-                     torch.tensor(labels, dtype=torch.long), classes)
-    return save_cache(cache, data)
+    return cached(os.path.join(cache_dir(), f"flowers102-{image_size}px-{key}.pt"),
+                  lambda: decode_flowers102(root, image_size))
+
+
+def decode_flowers102(root, image_size):
+    splits = download("Flowers-102", root, lambda: [torchvision.datasets.Flowers102(root, split=s, download=True)
+                                                    for s in ("train", "val", "test")])  # needs scipy for .mat
+    print(f"decoding {sum(len(ds) for ds in splits)} Flowers-102 images (once; cached in {cache_dir()})", flush=True)
+    pairs = [ds[i] for ds in splits for i in range(len(ds))]                         # (PIL image, label)
+    images, labels = np.stack([square_crop(im, image_size) for im, _ in pairs]), [y for _, y in pairs]
+    return images, labels, [c.rstrip("?") for c in splits[0].classes]  # torchvision writes "pink-yellow dahlia?"
 
 
 def load_dataset(name, root, train=True, image_size=32):
-    """name: 'mnist', 'cifar10', 'flowers102', or a path to an image folder."""
-    if name == "flowers102":
-        return load_flowers102(root, image_size)
-    if name == "mnist":
-        return load_mnist(root, train)
-    if name == "cifar10":
-        return load_cifar10(root, train)
-    return load_image_folder(name, image_size)
+    """name: 'mnist', 'cifar10', 'flowers102', or a path to an image folder of your own."""
+    if name in ("mnist", "cifar10"):
+        return (load_mnist if name == "mnist" else load_cifar10)(root, train)
+    return load_flowers102(root, image_size) if name == "flowers102" else load_image_folder(name, image_size)

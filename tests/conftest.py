@@ -69,7 +69,7 @@ def assert_clean_error(result, *fragments):
 
 
 def load_ckpt(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def bytes_to_unicode():
