@@ -99,3 +99,33 @@ def test_missing_mnist_offline_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         common.load_dataset("mnist", str(tmp_path / "empty"), train=True)
     assert "--data-root" in str(e.value) and "MNIST" in str(e.value)
+
+
+def test_unreadable_images_are_skipped_with_one_warning(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    write_image_folder(str(folder), [(40, 30)])
+    (folder / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    data = common.load_dataset(str(folder), root=None, image_size=16)
+    assert data.images.shape == (2, 3, 16, 16) and data.labels.tolist() == [0, 1]
+    assert "broken.jpg" in capsys.readouterr().err
+
+
+def test_an_edited_folder_is_decoded_again(tmp_path):
+    folder = tmp_path / "mine"
+    write_image_folder(str(folder), [(40, 30)])
+    first = common.load_dataset(str(folder), root=None, image_size=16)
+    Image.new("RGB", (16, 16), (0, 255, 0)).save(folder / "dog" / "extra.png")
+    assert len(common.load_dataset(str(folder), root=None, image_size=16).images) == len(first.images) + 1
+
+
+@pytest.mark.parametrize("text, ok", [("3", True), ("0", False), ("-2", False), ("nan", False), ("inf", False),
+                                      ("x", False)])
+def test_number_flags_are_finite_and_in_range(text, ok):
+    import argparse
+    parse = common.number(float)
+    if ok:
+        assert parse(text) == 3.0
+    else:
+        with pytest.raises((argparse.ArgumentTypeError, ValueError)):
+            parse(text)
+    assert common.number(float, 0, True)("0") == 0.0
