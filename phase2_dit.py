@@ -312,7 +312,7 @@ def train(args, model, ema, opt, data, amp, step, save, guide, guide_step):
     """Train until --steps or --max-minutes; `save(step)` checkpoints periodically, at the end and on Ctrl-C.
     At GUIDE_AT of the run, the EMA weights are copied into `guide` (for autoguidance at sampling)."""
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"training {n_params / 1e6:.2f}M parameters on {data.images.device} from step {step} to {args.steps}")
+    print(f"training {n_params / 1e6:.2f}M parameters on {next(model.parameters()).device} from step {step} to {args.steps}")
     t_start, start_step, smooth_loss = time.time(), step, None
     minutes = lambda: (time.time() - t_start) / 60  # noqa: E731
     while step < args.steps and not (args.max_minutes and minutes() >= args.max_minutes):
