@@ -83,6 +83,7 @@ def autocast(device, precision="auto"):
                 precision = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
             except (AttributeError, RuntimeError):
                 pass
+    print(f"device: {device.type}, {precision}", flush=True)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 

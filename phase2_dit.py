@@ -305,6 +305,16 @@ def load_checkpoint(path, device):
     return state
 
 
+def restore(path, state, modules):
+    """Load each module's saved weights (or optimizer state); a checkpoint of another model is a clean error."""
+    try:
+        for key, module in modules.items():
+            if state[key] is not None:  # None: not there yet (the guide, before GUIDE_AT)
+                module.load_state_dict(state[key])
+    except (KeyError, ValueError, RuntimeError) as e:
+        fail(f"{path} does not fit this script's model ({type(e).__name__}): use another --out-dir")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training loop
 
@@ -312,7 +322,7 @@ def train(args, model, ema, opt, data, amp, step, save, guide, guide_step):
     """Train until --steps or --max-minutes; `save(step)` checkpoints periodically, at the end and on Ctrl-C.
     At GUIDE_AT of the run, the EMA weights are copied into `guide` (for autoguidance at sampling)."""
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"training {n_params / 1e6:.2f}M parameters on {next(model.parameters()).device} from step {step} to {args.steps}")
+    print(f"training {n_params / 1e6:.2f}M parameters from step {step} to {args.steps}", flush=True)
     t_start, start_step, smooth_loss = time.time(), step, None
     minutes = lambda: (time.time() - t_start) / 60  # noqa: E731
     while step < args.steps and not (args.max_minutes and minutes() >= args.max_minutes):
@@ -347,7 +357,7 @@ def train(args, model, ema, opt, data, amp, step, save, guide, guide_step):
             if step % CKPT_EVERY == 0:
                 save(step, guide_step)
         except KeyboardInterrupt:
-            print("\ninterrupted: saving a checkpoint, then sampling", flush=True)
+            print("\ninterrupted: saving a checkpoint", flush=True)
             break
     print(flush=True)
     save(step, guide_step)
@@ -421,12 +431,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     step = 0
     if state:
-        try:
-            for module, key in ((model, "model"), (ema, "ema"), (opt, "opt"), (guide, "guide")):
-                if state.get(key) is not None:
-                    module.load_state_dict(state[key])
-        except (KeyError, ValueError, RuntimeError) as e:
-            fail(f"{ckpt_path} does not fit this script's model ({type(e).__name__}): use another --out-dir")
+        restore(ckpt_path, state, {"model": model, "ema": ema, "opt": opt, "guide": guide})
         step, guide_step = state["step"], state.get("guide_step")
         torch.set_rng_state(state["rng"].cpu())  # resume draws the same batches as an uninterrupted run
         if state.get("cuda_rng") is not None and torch.cuda.is_available():

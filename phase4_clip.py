@@ -150,7 +150,6 @@ class CLIPTextEncoder:
         from transformers import CLIPTextModel, CLIPTokenizer
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()  # a full CLIP checkpoint also holds the image tower: unused here, not an error
-        hf_logging.disable_progress_bar()
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(name)
             self.model = CLIPTextModel.from_pretrained(name).to(device).eval().requires_grad_(False)
@@ -159,19 +158,14 @@ class CLIPTextEncoder:
                  f"with a CLIP saved by save_pretrained (run once online to get one)")
         self.device, self.dim = device, self.model.config.hidden_size
 
-    def tokenize(self, prompts):
-        """Token ids, padded to the longest prompt; a prompt longer than CLIP can read is an error, not cut short."""
-        tokens = self.tokenizer(prompts, padding="longest", return_tensors="pt").to(self.device)
-        if tokens.input_ids.shape[1] > self.model.config.max_position_embeddings:
-            longest = max(prompts, key=lambda p: len(self.tokenizer(p).input_ids))
-            fail(f"prompt too long for CLIP's {self.model.config.max_position_embeddings} tokens: {longest[:60]!r}...")
-        return tokens
-
     @torch.no_grad()
     def encode(self, prompts):
         """CLIP runs only as far as the longest prompt: exact, because its attention is causal (no token sees the
         padding after it), and several times less work than CLIP's full 77 tokens for short captions."""
-        tokens = self.tokenize(prompts)
+        tokens = self.tokenizer(prompts, padding="longest", return_tensors="pt").to(self.device)
+        if tokens.input_ids.shape[1] > self.model.config.max_position_embeddings:  # refused, not silently cut
+            longest = max(prompts, key=lambda p: len(self.tokenizer(p).input_ids))
+            fail(f"prompt too long for CLIP's {self.model.config.max_position_embeddings} tokens: {longest[:60]!r}...")
         mask = tokens.attention_mask.bool()                                       # (B, L), False = padding
         return self.model(**tokens).last_hidden_state.float() * mask[..., None], mask
 
@@ -377,6 +371,16 @@ def load_checkpoint(path, device):
     return state
 
 
+def restore(path, state, modules):
+    """Load each module's saved weights (or optimizer state); a checkpoint of another model is a clean error."""
+    try:
+        for key, module in modules.items():
+            if state[key] is not None:  # None: not there yet (the guide, before GUIDE_AT)
+                module.load_state_dict(state[key])
+    except (KeyError, ValueError, RuntimeError) as e:
+        fail(f"{path} does not fit this script's model ({type(e).__name__}): use another --out-dir")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training loop
 
@@ -399,7 +403,7 @@ class TextConditionalTrainer:
 def train(args, model, ema, opt, data, amp, step, save, trainer):
     """Train until --steps or --max-minutes; `save(step)` checkpoints periodically, at the end and on Ctrl-C."""
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"training {n_params / 1e6:.2f}M parameters on {next(model.parameters()).device} from step {step} to {args.steps}")
+    print(f"training {n_params / 1e6:.2f}M parameters from step {step} to {args.steps}", flush=True)
     t_start, start_step, smooth_loss = time.time(), step, None
     minutes = lambda: (time.time() - t_start) / 60  # noqa: E731
     while step < args.steps and not (args.max_minutes and minutes() >= args.max_minutes):
@@ -431,7 +435,7 @@ def train(args, model, ema, opt, data, amp, step, save, trainer):
             if step % CKPT_EVERY == 0:
                 save(step)
         except KeyboardInterrupt:
-            print("\ninterrupted: saving a checkpoint, then sampling", flush=True)
+            print("\ninterrupted: saving a checkpoint", flush=True)
             break
     print(flush=True)
     save(step)
@@ -471,9 +475,8 @@ def class_of_prompt(prompt, classes):
     return named[0] if len(named) == 1 else -1
 
 
-def generate(args, model, encoder, device, amp):
-    """Sample --num-samples of each prompt; write samples.png, trajectory.png, cfg_sweep.png and (optionally) the npz."""
-    captions = encoder.encode(args.prompt + [""])  # CLIP runs once: the prompts, then "" (the null condition)
+def generate(args, model, captions, device, amp):
+    """Sample --num-samples per prompt; write samples.png, trajectory.png, cfg_sweep.png and (optionally) the npz."""
     labels = torch.arange(len(args.prompt), device=device).repeat_interleave(args.num_samples)  # rows = prompts
     gen = torch.Generator().manual_seed(args.seed)  # noise drawn on the CPU: the same images on every device
     images, t0 = [], time.time()
@@ -525,7 +528,8 @@ def main(argv=None):
                                             "heads": HEADS}  # a checkpoint rebuilds the model it trained
     clip_name = args.clip_model or config.get("clip_model", CLIP_MODEL)  # --clip-model on the command line wins
     encoder = CLIPTextEncoder(clip_name, device)
-    encoder.tokenize(args.prompt or [""])  # a prompt CLIP cannot read stops the run now, not after training
+    captions = encoder.encode(args.prompt + [""])  # the prompts, then "" (the null condition): CLIP runs once, and
+    # a prompt it cannot read stops the run now, not after training
     config["clip_model"] = os.path.abspath(clip_name) if os.path.isdir(clip_name) else clip_name
     if config.setdefault("text_dim", encoder.dim) != encoder.dim:
         fail(f"{clip_name!r} gives {encoder.dim}-wide token vectors; this model was trained on {config['text_dim']}")
@@ -534,12 +538,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     step = 0
     if state:
-        try:
-            for module, key in ((model, "model"), (ema, "ema"), (opt, "opt")):
-                if state.get(key) is not None:
-                    module.load_state_dict(state[key])
-        except (KeyError, ValueError, RuntimeError) as e:
-            fail(f"{ckpt_path} does not fit this script's model ({type(e).__name__}): use another --out-dir")
+        restore(ckpt_path, state, {"model": model, "ema": ema, "opt": opt})
         step = state["step"]
         torch.set_rng_state(state["rng"].cpu())  # resume draws the same batches as an uninterrupted run
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
@@ -552,7 +551,7 @@ def main(argv=None):
         data = load_dataset(DATASET, args.data_root, train=True).to(device)
         save = lambda s: save_checkpoint(ckpt_path, model, ema, opt, s, config, {})  # noqa: E731
         metrics = train(args, model, ema, opt, data, amp, step, save, TextConditionalTrainer(encoder, data.classes))
-    metrics.update(generate(args, ema, encoder, device, amp))
+    metrics.update(generate(args, ema, captions, device, amp))
     if training:  # sampling again never rewrites the training run's metrics
         with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
             json.dump({"config": config, **metrics}, f, indent=2)

@@ -99,6 +99,7 @@ def get_args(argv=None):
     return args
 
 
+# ----------------------------------------------------------------------------------------------------------
 # VAE: pixels <-> latents (stage 1)
 
 class VAEResBlock(nn.Module):
@@ -167,34 +168,11 @@ def psnr_db(vae, images, batch=100):
     return float(-10 * torch.log10(torch.cat(errors).mean()))
 
 
-def train_vae(args, vae, opt, step, data, amp, path):
-    """Stage 1: train until --vae-steps; saved at `path` periodically and at the end. Ctrl-C saves, then stops."""
-    print(f"stage 1: training the VAE ({sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M parameters) "
-          f"from step {step} to {args.vae_steps}", flush=True)
-    t_start, start_step, smooth = time.time(), step, None
-    save = lambda s: save_checkpoint(path, vae, None, opt, s, {"vae_width": VAE_WIDTH}, {})  # noqa: E731
-    try:
-        while step < args.vae_steps:
-            x, _ = data.random_batch(VAE_BATCH_SIZE, flip=True)
-            with amp:
-                loss = vae_loss(vae, x, KL_WEIGHT)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
-            if step % 25 == 0:
-                rate = (step - start_step) / (time.time() - t_start)
-                print(f"VAE step {step}/{args.vae_steps} | loss {smooth:.4f} | {rate:.1f} it/s | ETA "
-                      f"{(args.vae_steps - step) / rate / 60:.1f} min", end="\r" if sys.stdout.isatty() else "\n")
-            if step % CKPT_EVERY == 0:
-                save(step)
-    except KeyboardInterrupt:
-        save(step)
-        raise SystemExit(f"\ninterrupted: the VAE is saved at step {step}; the same command with --resume goes on")
-    print(flush=True)
-    save(step)
-    return step
+class VAETrainer:
+    """Stage 1's loss for the training loop: the images are their own targets (the labels are not used)."""
+
+    def loss(self, vae, x, labels):
+        return vae_loss(vae, x, KL_WEIGHT)
 
 
 class LatentData:
@@ -279,7 +257,6 @@ class CLIPTextEncoder:
         from transformers import CLIPTextModel, CLIPTokenizer
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()  # a full CLIP checkpoint also holds the image tower: unused here, not an error
-        hf_logging.disable_progress_bar()
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(name)
             self.model = CLIPTextModel.from_pretrained(name).to(device).eval().requires_grad_(False)
@@ -288,19 +265,14 @@ class CLIPTextEncoder:
                  f"with a CLIP saved by save_pretrained (run once online to get one)")
         self.device, self.dim = device, self.model.config.hidden_size
 
-    def tokenize(self, prompts):
-        """Token ids, padded to the longest prompt; a prompt longer than CLIP can read is an error, not cut short."""
-        tokens = self.tokenizer(prompts, padding="longest", return_tensors="pt").to(self.device)
-        if tokens.input_ids.shape[1] > self.model.config.max_position_embeddings:
-            longest = max(prompts, key=lambda p: len(self.tokenizer(p).input_ids))
-            fail(f"prompt too long for CLIP's {self.model.config.max_position_embeddings} tokens: {longest[:60]!r}...")
-        return tokens
-
     @torch.no_grad()
     def encode(self, prompts):
         """CLIP runs only as far as the longest prompt: exact, because its attention is causal (no token sees the
         padding after it), and several times less work than CLIP's full 77 tokens for short captions."""
-        tokens = self.tokenize(prompts)
+        tokens = self.tokenizer(prompts, padding="longest", return_tensors="pt").to(self.device)
+        if tokens.input_ids.shape[1] > self.model.config.max_position_embeddings:  # refused, not silently cut
+            longest = max(prompts, key=lambda p: len(self.tokenizer(p).input_ids))
+            fail(f"prompt too long for CLIP's {self.model.config.max_position_embeddings} tokens: {longest[:60]!r}...")
         mask = tokens.attention_mask.bool()                                       # (B, L), False = padding
         return self.model(**tokens).last_hidden_state.float() * mask[..., None], mask
 
@@ -487,7 +459,7 @@ def sample_conditional(model, labels, cfg_scale, steps, noise, captions, keep_ev
 # Checkpoints: one file with everything needed to resume or to sample
 
 def save_checkpoint(path, model, ema, opt, step, config, extra):
-    state = {"phase": PHASE, "model": model.state_dict(), "ema": ema and ema.state_dict(), "opt": opt.state_dict(),
+    state = {"phase": PHASE, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
              "step": step, "config": config, "rng": torch.get_rng_state(), **extra,
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     torch.save(state, path + ".tmp")
@@ -504,6 +476,16 @@ def load_checkpoint(path, device):
     if state.get("phase", PHASE) != PHASE:
         fail(f"{path} was written by phase {state['phase']}, not phase {PHASE}: use another --out-dir")
     return state
+
+
+def restore(path, state, modules):
+    """Load each module's saved weights (or optimizer state); a checkpoint of another model is a clean error."""
+    try:
+        for key, module in modules.items():
+            if state[key] is not None:  # None: not there yet (the guide, before GUIDE_AT)
+                module.load_state_dict(state[key])
+    except (KeyError, ValueError, RuntimeError) as e:
+        fail(f"{path} does not fit this script's model ({type(e).__name__}): use another --out-dir")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -528,7 +510,7 @@ class TextConditionalTrainer:
 def train(args, model, ema, opt, data, amp, step, save, trainer):
     """Train until --steps or --max-minutes; `save(step)` checkpoints periodically, at the end and on Ctrl-C."""
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"training {n_params / 1e6:.2f}M parameters on {next(model.parameters()).device} from step {step} to {args.steps}")
+    print(f"training {n_params / 1e6:.2f}M parameters from step {step} to {args.steps}", flush=True)
     t_start, start_step, smooth_loss = time.time(), step, None
     minutes = lambda: (time.time() - t_start) / 60  # noqa: E731
     while step < args.steps and not (args.max_minutes and minutes() >= args.max_minutes):
@@ -560,7 +542,7 @@ def train(args, model, ema, opt, data, amp, step, save, trainer):
             if step % CKPT_EVERY == 0:
                 save(step)
         except KeyboardInterrupt:
-            print("\ninterrupted: saving a checkpoint, then sampling", flush=True)
+            print("\ninterrupted: saving a checkpoint", flush=True)
             break
     print(flush=True)
     save(step)
@@ -621,10 +603,8 @@ def save_vae_pictures(args, vae, holdout):
     save_grid(torch.cat(rows).cpu(), os.path.join(args.out_dir, "latents.png"), nrow=1 + channels.shape[1])
 
 
-
-def generate(args, model, encoder, vae, config, device, amp):
-    """Sample --num-samples of each prompt; write samples.png, trajectory.png, cfg_sweep.png and (optionally) the npz."""
-    captions = encoder.encode(args.prompt + [""])  # CLIP runs once: the prompts, then "" (the null condition)
+def generate(args, model, captions, vae, config, device, amp):
+    """Sample --num-samples per prompt; write samples.png, trajectory.png, cfg_sweep.png and (optionally) the npz."""
     labels = torch.arange(len(args.prompt), device=device).repeat_interleave(args.num_samples)  # rows = prompts
     gen = torch.Generator().manual_seed(args.seed)  # noise drawn on the CPU: the same images on every device
     images, t0 = [], time.time()
@@ -683,14 +663,11 @@ def main(argv=None):
 
     # Stage 1, the VAE: trained if there is none yet (with --resume: up to --vae-steps, while no flow depends on it).
     vae = VAE(VAE_WIDTH).to(device)
-    vae_opt, vae_step = torch.optim.AdamW(vae.parameters(), lr=VAE_LR), 0
+    vae_ema = copy.deepcopy(vae).requires_grad_(False)  # encodes and decodes, like the flow's EMA samples
+    vae_opt, vae_step = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0), 0
     if os.path.exists(vae_path):
         vae_state = load_checkpoint(vae_path, device)
-        try:
-            vae.load_state_dict(vae_state["model"] if "model" in vae_state else vae_state["vae"])
-            vae_opt.load_state_dict(vae_state["opt"])
-        except (KeyError, ValueError, RuntimeError) as e:
-            fail(f"{vae_path} does not fit this script's VAE ({type(e).__name__}): use another --out-dir")
+        restore(vae_path, vae_state, {"model": vae, "ema": vae_ema, "opt": vae_opt})
         vae_step = vae_state["step"]
     train_vae_now = vae_step == 0 or (args.resume and state is None and vae_step < args.vae_steps)
     if train_vae_now and state is not None:
@@ -699,20 +676,27 @@ def main(argv=None):
     if training or train_vae_now:  # the whole dataset as one uint8 tensor; a fixed held-out set for the PSNR
         data = load_dataset(args.data, args.data_root, image_size=IMAGE_SIZE).to(device)
         train_data, holdout = split_holdout(data)
-    if train_vae_now:
-        vae_step = train_vae(args, vae, vae_opt, vae_step, train_data, amp, vae_path)
-        metrics["vae_psnr_db"] = round(psnr_db(vae, holdout), 2)
-        save_vae_pictures(args, vae, holdout)
+    if train_vae_now:  # the same training loop as the flow's, with the VAE's own settings
+        print("stage 1: the VAE", flush=True)
+        vae_args = argparse.Namespace(**{**vars(args), "steps": args.vae_steps, "batch_size": VAE_BATCH_SIZE,
+                                         "lr": VAE_LR, "max_minutes": None})
+        save = lambda s: save_checkpoint(vae_path, vae, vae_ema, vae_opt, s, {}, {})  # noqa: E731
+        metrics["vae"] = train(vae_args, vae, vae_ema, vae_opt, train_data, amp, vae_step, save, VAETrainer())
+        vae_step = metrics["vae"]["steps"]
+        if vae_step < args.vae_steps:  # Ctrl-C: stop here rather than train a flow on a half-trained VAE
+            raise SystemExit(f"the VAE is saved at step {vae_step}; the same command with --resume goes on")
+        metrics["vae_psnr_db"] = round(psnr_db(vae_ema, holdout), 2)
+        save_vae_pictures(args, vae_ema, holdout)
         print(f"VAE (step {vae_step}): held-out reconstruction PSNR {metrics['vae_psnr_db']} dB", flush=True)
-    vae.eval().requires_grad_(False)
 
     # Encode once: every training image (and its mirror) becomes a latent, scaled to unit variance like the noise
     # it is matched with (Stable Diffusion's 0.18215 is this number, for its VAE).
     if training:
-        latents, labels = encode_dataset(vae, train_data)
+        latents, labels = encode_dataset(vae_ema, train_data)
         scale = state["config"]["latent_scale"] if state else float(1 / latents.std())
         latents = LatentData(latents * scale, labels, data.classes)
 
+    # Stage 2, the flow: the text-conditional DiT of phase 4, on latents.
     config = state["config"] if state else {"patch_size": PATCH_SIZE, "depth": args.depth, "width": args.width,
                                             "heads": HEADS, "vae_step": vae_step, "latent_scale": scale,
                                             "classes": data.classes}  # a checkpoint rebuilds the model it trained
@@ -720,7 +704,10 @@ def main(argv=None):
         fail(f"{ckpt_path} was trained on the latents of the VAE at step {config['vae_step']}, not {vae_step}")
     clip_name = args.clip_model or config.get("clip_model", CLIP_MODEL)  # --clip-model on the command line wins
     encoder = CLIPTextEncoder(clip_name, device)
-    encoder.tokenize(args.prompt or [""])  # a prompt CLIP cannot read stops the run now, not after training
+    names = [name for name in FLOWERS if name in config["classes"]] or config["classes"][:8]
+    args.prompt = args.prompt or [TEMPLATES[0].format(name) for name in names]
+    captions = encoder.encode(args.prompt + [""])  # the prompts, then "" (the null condition): CLIP runs once, and
+    # a prompt it cannot read stops the run now, not after training
     config["clip_model"] = os.path.abspath(clip_name) if os.path.isdir(clip_name) else clip_name
     if config.setdefault("text_dim", encoder.dim) != encoder.dim:
         fail(f"{clip_name!r} gives {encoder.dim}-wide token vectors; this model was trained on {config['text_dim']}")
@@ -729,12 +716,7 @@ def main(argv=None):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     step = 0
     if state:
-        try:
-            for module, key in ((model, "model"), (ema, "ema"), (opt, "opt")):
-                if state.get(key) is not None:
-                    module.load_state_dict(state[key])
-        except (KeyError, ValueError, RuntimeError) as e:
-            fail(f"{ckpt_path} does not fit this script's model ({type(e).__name__}): use another --out-dir")
+        restore(ckpt_path, state, {"model": model, "ema": ema, "opt": opt})
         step = state["step"]
         torch.set_rng_state(state["rng"].cpu())  # resume draws the same batches as an uninterrupted run
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
@@ -747,9 +729,7 @@ def main(argv=None):
         save = lambda s: save_checkpoint(ckpt_path, model, ema, opt, s, config, {})  # noqa: E731
         metrics.update(train(args, model, ema, opt, latents, amp, step, save,
                              TextConditionalTrainer(encoder, config["classes"])))
-    names = [name for name in FLOWERS if name in config["classes"]] or config["classes"][:8]
-    args.prompt = args.prompt or [TEMPLATES[0].format(name) for name in names]
-    metrics.update(generate(args, ema, encoder, vae, config, device, amp))
+    metrics.update(generate(args, ema, captions, vae_ema, config, device, amp))
     if training or train_vae_now:  # sampling again never rewrites the training run's metrics
         with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
             json.dump({"config": config, **metrics}, f, indent=2)

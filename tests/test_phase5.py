@@ -112,7 +112,7 @@ def test_cli_trains_both_stages_then_samples_then_resumes_the_flow_only(tmp_path
     vae_before = (out / "vae.pt").read_bytes()
     r = run_script("phase5_latent.py", "--resume", "--vae-steps", 4, "--steps", 5, *common)
     assert r.returncode == 0, r.stderr
-    assert "VAE step" not in r.stdout and "from step 3 to 5" in r.stdout
+    assert "stage 1" not in r.stdout and "from step 3 to 5" in r.stdout
     assert load_ckpt(out / "ckpt.pt")["step"] == 5 and (out / "vae.pt").read_bytes() == vae_before
 
 
@@ -122,7 +122,7 @@ def test_the_vae_resumes_before_the_flow_exists(tmp_path, tiny_clip):
     common = ["--data", folder, "--clip-model", tiny_clip, "--out-dir", out, *TINY]
     out.mkdir()
     vae = p5.VAE(p5.VAE_WIDTH)  # a VAE stopped at step 2 (say, by Ctrl-C)
-    p5.save_checkpoint(str(out / "vae.pt"), vae, None, torch.optim.AdamW(vae.parameters()), 2, {}, {})
+    p5.save_checkpoint(str(out / "vae.pt"), vae, vae, torch.optim.AdamW(vae.parameters()), 2, {}, {})
     r = run_script("phase5_latent.py", "--resume", "--vae-steps", 3, "--steps", 1, *common)
     assert r.returncode == 0, r.stderr
     assert "from step 2 to 3" in r.stdout and load_ckpt(out / "vae.pt")["step"] == 3
