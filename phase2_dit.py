@@ -372,8 +372,7 @@ def train(args, model, ema, opt, data, amp, step, save, guide, guide_step):
 
 def to_uint8(x):
     """[-1, 1] floats (N, C, H, W) -> uint8 (N, H, W) for grey or (N, H, W, 3) for RGB."""
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return x[..., 0] if x.shape[-1] == 1 else x
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).squeeze(-1).cpu().numpy()
 
 
 def save_grid(images, path, nrow):

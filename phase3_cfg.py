@@ -17,7 +17,7 @@ from noise. The network is a DiT: patches become tokens, and t steers every bloc
 
 Run:
     python phase3_cfg.py                          # train, then sample; run it again to sample from out/phase3
-    python phase3_cfg.py --digit 7 --cfg-scale 5  # ten 7s from out/phase3
+    python phase3_cfg.py --digit 7 --cfg-scale 5  # ten 7s from out/phase3 (--digit 3 8: two rows)
     python phase3_cfg.py --resume --steps 3000    # train the same model further
     python phase3_cfg.py --max-minutes 5          # stop training after 5 minutes, whatever the step
 """
@@ -59,17 +59,6 @@ SWEEP_SCALES = [1, 2, 3, 5, 7]   # rows of cfg_sweep.png
 CKPT_EVERY = 1000      # also save a checkpoint every this many steps
 
 
-def parse_digits(text):
-    """'7' or '3,5' -> [7] or [3, 5]; anything outside 0..9 is an error."""
-    try:
-        digits = [int(d) for d in text.split(",") if d.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a digit") from None
-    if not digits or any(not 0 <= d < NUM_CLASSES for d in digits):
-        raise argparse.ArgumentTypeError(f"{text!r}: digits are 0..9")
-    return digits
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Phase 3: class-conditional flow matching on MNIST with CFG.")
     p.add_argument("--steps", type=number(int), default=STEPS, help="optimizer steps to train for")
@@ -78,7 +67,7 @@ def get_args(argv=None):
     p.add_argument("--lr", type=number(float), default=LR, help="peak learning rate")
     p.add_argument("--depth", type=number(int), default=DEPTH, help="model size: transformer blocks")
     p.add_argument("--width", type=number(int), default=WIDTH, help=f"model size: token vector size ({HEADS} heads)")
-    p.add_argument("--digit", type=parse_digits, action="extend", help="digit(s) to draw: 7 or 3,5 (default: all)")
+    p.add_argument("--digit", type=int, nargs="+", choices=range(NUM_CLASSES), help="digit(s) to draw (default: all)")
     p.add_argument("--num-samples", type=number(int), default=10, help="how many images of each digit")
     p.add_argument("--sample-steps", type=number(int), default=SAMPLE_STEPS, help="Euler steps from noise to data")
     p.add_argument("--cfg-scale", type=number(float, 0, True), default=CFG_SCALE, help="guidance scale s (1 = off)")
@@ -402,8 +391,7 @@ def train(args, model, ema, opt, data, amp, step, save):
 
 def to_uint8(x):
     """[-1, 1] floats (N, C, H, W) -> uint8 (N, H, W) for grey or (N, H, W, 3) for RGB."""
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return x[..., 0] if x.shape[-1] == 1 else x
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).squeeze(-1).cpu().numpy()
 
 
 def save_grid(images, path, nrow):
@@ -425,14 +413,14 @@ def generate(args, model, device, amp):
     save_grid(images.view(len(args.digit), args.num_samples, *IMAGE_SHAPE)[:, :cols].flatten(0, 1),
               os.path.join(args.out_dir, "samples.png"), nrow=cols)
     # Two pictures from one noise per digit: how noise becomes a digit, and what the guidance scale does.
-    digits, noise = labels[::args.num_samples], torch.randn(len(args.digit), *IMAGE_SHAPE, generator=gen).to(device)
+    rows, noise = labels[::args.num_samples], torch.randn(len(args.digit), *IMAGE_SHAPE, generator=gen).to(device)
     with amp:
-        _, traj = sample_conditional(model, digits, args.cfg_scale, args.sample_steps, noise,
+        _, traj = sample_conditional(model, rows, args.cfg_scale, args.sample_steps, noise,
                                      keep_every=max(1, args.sample_steps // 8))
-        sweep = [sample_conditional(model, digits, s, args.sample_steps, noise)[0] for s in SWEEP_SCALES]
+        sweep = [sample_conditional(model, rows, s, args.sample_steps, noise)[0] for s in SWEEP_SCALES]
     strip = torch.stack([xt.cpu() for xt in traj], dim=1).flatten(0, 1)  # rows = digits, columns = t from 0 to 1
     save_grid(strip, os.path.join(args.out_dir, "trajectory.png"), nrow=len(traj))
-    save_grid(torch.cat(sweep).cpu(), os.path.join(args.out_dir, "cfg_sweep.png"), nrow=len(digits))
+    save_grid(torch.cat(sweep).cpu(), os.path.join(args.out_dir, "cfg_sweep.png"), nrow=len(rows))
     if args.save_npz:
         np.savez_compressed(args.save_npz, images=to_uint8(images), labels=labels.cpu().numpy())
     print(f"sampled {len(images)} images in {seconds:.1f}s ({args.sample_steps} Euler steps, CFG scale "

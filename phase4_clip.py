@@ -5,8 +5,7 @@ New in this phase: the condition is text. A frozen CLIP text encoder turns a pro
 in every block, after self-attention, the image tokens read the text tokens through cross-attention (queries from
 the image, keys and values from the text), as in Stable Diffusion and PixArt. The "null" condition of CFG is the
 empty prompt "". Training captions are "a photo of a {class}" in a few wordings, so the model learns from the
-words, not from one fixed string. With the real CLIP weights prompts carry meaning; with random CLIP weights
-(offline tests) each training caption still gets its own embedding, but wording it never saw means nothing to it.
+words, not from one fixed string.
 
 From phases 1-3: flow matching trains a network v(x_t, t) on the straight path x_t = (1 - t) x0 + t x1 from noise
 x0 (t = 0) to data x1 (t = 1), with the loss || v(x_t, t) - (x1 - x0) ||^2, and samples by Euler steps x += dt * v
@@ -164,8 +163,7 @@ class CLIPTextEncoder:
         padding after it), and several times less work than CLIP's full 77 tokens for short captions."""
         tokens = self.tokenizer(prompts, padding="longest", return_tensors="pt").to(self.device)
         if tokens.input_ids.shape[1] > self.model.config.max_position_embeddings:  # refused, not silently cut
-            longest = max(prompts, key=lambda p: len(self.tokenizer(p).input_ids))
-            fail(f"prompt too long for CLIP's {self.model.config.max_position_embeddings} tokens: {longest[:60]!r}...")
+            fail(f"prompt too long: {tokens.input_ids.shape[1]} tokens, CLIP reads at most 77 (shorten it)")
         mask = tokens.attention_mask.bool()                                       # (B, L), False = padding
         return self.model(**tokens).last_hidden_state.float() * mask[..., None], mask
 
@@ -449,8 +447,7 @@ def train(args, model, ema, opt, data, amp, step, save, trainer):
 
 def to_uint8(x):
     """[-1, 1] floats (N, C, H, W) -> uint8 (N, H, W) for grey or (N, H, W, 3) for RGB."""
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return x[..., 0] if x.shape[-1] == 1 else x
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).squeeze(-1).cpu().numpy()
 
 
 def save_grid(images, path, nrow, captions=None):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
-from common import autocast, check_writable, fail, get_device, load_dataset, number
+from common import ImageData, autocast, check_writable, fail, get_device, load_dataset, number
 
 # ----------------------------------------------------------------------------------------------------------
 # Settings: everything that differs between the phases is here (the measured results: docs/RESULTS.md)
@@ -157,15 +157,12 @@ def vae_loss(vae, x, kl_weight):
     return F.mse_loss(recon, x) + kl_weight * kl_divergence(mean, logvar)
 
 
-def psnr_db(vae, images, batch=100):
+@torch.no_grad()
+def psnr_db(vae, images):
     """Reconstruction PSNR (dB) of uint8 images through the posterior means, pixels in [0, 1]."""
-    errors = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch):
-            x = images[i:i + batch].float() / 127.5 - 1
-            recon = vae.decode(vae.encode(x)[0]).clamp(-1, 1)
-            errors.append(((recon - x) / 2).pow(2).flatten(1).mean(1))
-    return float(-10 * torch.log10(torch.cat(errors).mean()))
+    x = images.float() / 127.5 - 1
+    mse = ((vae.decode(vae.encode(x)[0]).clamp(-1, 1) - x) / 2).pow(2).mean()
+    return float(-10 * torch.log10(mse))
 
 
 class VAETrainer:
@@ -175,16 +172,12 @@ class VAETrainer:
         return vae_loss(vae, x, KL_WEIGHT)
 
 
-class LatentData:
-    """The training set as normalised latents, with ImageData's random_batch. Mirrored images are encoded too,
-    so flips cost nothing in training."""
+class LatentData(ImageData):
+    """The training set as normalised latents in `images`; the mirrored images are in it too, so flips are free."""
 
-    def __init__(self, latents, labels, classes):
-        self.latents, self.labels, self.classes = latents, labels, classes
-
-    def random_batch(self, batch_size, flip=False):  # flips are already in the table
-        idx = torch.randint(len(self.latents), (batch_size,), device=self.latents.device)
-        return self.latents[idx], self.labels[idx]
+    def random_batch(self, batch_size, flip=False):
+        idx = torch.randint(len(self.images), (batch_size,), device=self.images.device)
+        return self.images[idx], self.labels[idx]
 
 
 @torch.no_grad()
@@ -271,8 +264,7 @@ class CLIPTextEncoder:
         padding after it), and several times less work than CLIP's full 77 tokens for short captions."""
         tokens = self.tokenizer(prompts, padding="longest", return_tensors="pt").to(self.device)
         if tokens.input_ids.shape[1] > self.model.config.max_position_embeddings:  # refused, not silently cut
-            longest = max(prompts, key=lambda p: len(self.tokenizer(p).input_ids))
-            fail(f"prompt too long for CLIP's {self.model.config.max_position_embeddings} tokens: {longest[:60]!r}...")
+            fail(f"prompt too long: {tokens.input_ids.shape[1]} tokens, CLIP reads at most 77 (shorten it)")
         mask = tokens.attention_mask.bool()                                       # (B, L), False = padding
         return self.model(**tokens).last_hidden_state.float() * mask[..., None], mask
 
@@ -556,8 +548,7 @@ def train(args, model, ema, opt, data, amp, step, save, trainer):
 
 def to_uint8(x):
     """[-1, 1] floats (N, C, H, W) -> uint8 (N, H, W) for grey or (N, H, W, 3) for RGB."""
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return x[..., 0] if x.shape[-1] == 1 else x
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).squeeze(-1).cpu().numpy()
 
 
 def save_grid(images, path, nrow, captions=None):

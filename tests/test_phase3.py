@@ -78,7 +78,7 @@ def test_sample_conditional_draws_each_requested_label():
         assert torch.allclose(image, torch.full_like(image, digit / 10), atol=1e-5)
 
 
-@pytest.mark.parametrize("bad", [["--digit", "11"], ["--digit", "-1"], ["--digit", "x"], ["--cfg-scale", "-1"],
+@pytest.mark.parametrize("bad", [["--digit", "11"], ["--digit", "-1"], ["--digit", "x"], ["--digit"], ["--cfg-scale", "-1"],
                                  ["--cfg-scale", "nan"]])
 def test_bad_digit_or_scale_is_a_clean_error(tmp_path, bad):
     r = run_script("phase3_cfg.py", "--out-dir", tmp_path, *bad)
@@ -89,7 +89,7 @@ def test_cli_trains_and_writes_everything(tmp_path, mnist_root):
     out = tmp_path / "run"
     r = run_script("phase3_cfg.py", "--data-root", mnist_root, "--out-dir", out, "--save-npz", tmp_path / "s.npz",
                    "--steps", 4, "--batch-size", 8, "--num-samples", 3, "--sample-steps", 3, "--depth", 2,
-                   "--width", 32, "--device", "cpu", "--digit", "3,5", "--digit", "1")
+                   "--width", 32, "--device", "cpu", "--digit", "3", "5", "1")
     assert r.returncode == 0, r.stderr
     for name in ("samples.png", "trajectory.png", "cfg_sweep.png", "ckpt.pt", "metrics.json"):
         assert (out / name).exists(), name
