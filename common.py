@@ -40,11 +40,12 @@ def number(kind, low=0, low_ok=False):
 
 def check_writable(out_dir, npz=None):
     """Create --out-dir and make sure it (and --save-npz's folder) can be written now, not after an hour of training."""
-    for folder in (out_dir, npz and os.path.dirname(os.path.abspath(npz))):
+    for folder in [out_dir] + ([os.path.dirname(os.path.abspath(npz))] if npz else []):
+        probe = os.path.join(folder, ".write-test")
         try:
-            os.makedirs(folder or ".", exist_ok=True)
-            open(os.path.join(folder or ".", ".write-test"), "w").close()
-            os.remove(os.path.join(folder or ".", ".write-test"))
+            os.makedirs(folder, exist_ok=True)
+            open(probe, "w").close()
+            os.remove(probe)
         except OSError as e:
             fail(f"cannot write to {folder!r} ({e.strerror}): choose another --out-dir / --save-npz")
 
