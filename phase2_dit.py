@@ -29,7 +29,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.utils import save_image
+from PIL import Image, ImageDraw
+from torchvision.utils import make_grid
 
 from common import autocast, check_writable, fail, get_device, load_dataset, number
 
@@ -51,7 +52,8 @@ SAMPLE_STEPS = 50      # Euler steps from noise to data
 GUIDANCE = 10.0        # autoguidance weight w (1 = off)
 GUIDE_AT = 0.2         # the guide is the EMA model as it was at 20% of the run ...
 GUIDE_FROM, GUIDE_UNTIL = 0.1, 0.5   # ... used for GUIDE_FROM <= t < GUIDE_UNTIL: where the digit's shape is decided
-CKPT_EVERY = 1000      # also save a checkpoint every this many steps
+CKPT_EVERY = 500       # also save a checkpoint (and a row of progress.png) every this many steps
+STEPS_ROWS = [1, 2, 4, 8, 16, 50]   # rows of steps.png: the same noise, integrated in this many Euler steps
 
 
 def get_args(argv=None):
@@ -249,17 +251,15 @@ def flow_matching_loss(model, x1, t_mean=0.0):
 
 
 @torch.no_grad()
-def euler_sample(velocity, noise, steps, keep_every=None):
+def euler_sample(velocity, noise, steps):
     """Integrate dx/dt = velocity(x, t) from t=0 (noise) to t=1 (data) in equal Euler steps.
-
-    Returns the final x and, if keep_every is given, the list of x_t every keep_every steps (for pictures)."""
+    Returns the final x and the list of all the x_t on the way (for pictures)."""
     x, dt = noise, 1.0 / steps
     trajectory = [x]
     for i in range(steps):
         t = torch.full((len(x),), i * dt, device=x.device)
         x = x + dt * velocity(x, t)
-        if keep_every and (i + 1) % keep_every == 0:
-            trajectory.append(x)
+        trajectory.append(x)
     return x, trajectory
 
 
@@ -368,19 +368,26 @@ def train(args, model, ema, opt, data, amp, step, save, guide, guide_step):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Outputs: sample grid, trajectory strip, arrays for evaluation
+# Outputs: sample grid, trajectory, steps, progress, arrays for evaluation
 
 def to_uint8(x):
     """[-1, 1] floats (N, C, H, W) -> uint8 (N, H, W) for grey or (N, H, W, 3) for RGB."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).squeeze(-1).cpu().numpy()
 
 
-def save_grid(images, path, nrow):
-    save_image((images.clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=1)
+def save_grid(images, path, nrow, captions=()):
+    """Save a grid of [-1, 1] images; with captions, a white strip on the left gives each row's text."""
+    grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
+    strip_w = 8 + 6 * max(map(len, captions)) if captions else 0  # PIL's built-in font: 6 pixels a letter
+    canvas = Image.new("RGB", (strip_w + grid.shape[2], grid.shape[1]), "white")
+    canvas.paste(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()), (strip_w, 0))
+    for i, caption in enumerate(captions):  # in the middle of its row
+        ImageDraw.Draw(canvas).text((4, (i + 0.5) * (grid.shape[1] - 1) / len(captions) - 5), caption, fill="black")
+    canvas.save(path)
 
 
 def generate(args, model, device, amp, guide, guide_step):
-    """Sample --num-samples images in batches; write samples.png, trajectory.png and (optionally) the npz."""
+    """Sample --num-samples images in batches; write samples.png, trajectory.png/.gif, steps.png and the npz."""
     w = args.guidance if guide_step is not None else 1.0  # no guide yet: training stopped before GUIDE_AT
     velocity = autoguided(model, guide, w, GUIDE_FROM, GUIDE_UNTIL)
     gen = torch.Generator().manual_seed(args.seed)  # noise drawn on the CPU: the same images on every device
@@ -392,12 +399,19 @@ def generate(args, model, device, amp, guide, guide_step):
         images.append(x.cpu())
     images, seconds = torch.cat(images), time.time() - t0
     save_grid(images[:100], os.path.join(args.out_dir, "samples.png"), nrow=math.ceil(math.sqrt(len(images[:100]))))
-    # One more picture, from 8 more noises: how noise becomes a digit.
+    # Three more pictures, from 8 more noises: how noise becomes a digit (a strip of 9 moments and an animation
+    # of every step), and what the same noise gives with fewer Euler steps (straight paths need few).
     noise = torch.randn(8, *IMAGE_SHAPE, generator=gen).to(device)
     with amp:
-        _, traj = euler_sample(velocity, noise, args.sample_steps, keep_every=max(1, args.sample_steps // 8))
-    strip = torch.stack([xt.cpu() for xt in traj], dim=1).flatten(0, 1)  # rows = samples, columns = t from 0 to 1
-    save_grid(strip, os.path.join(args.out_dir, "trajectory.png"), nrow=len(traj))
+        _, traj = euler_sample(velocity, noise, args.sample_steps)
+        by_steps = [euler_sample(velocity, noise, n)[0] for n in STEPS_ROWS]
+    strip = torch.stack([traj[round(i * args.sample_steps / 8)].cpu() for i in range(9)], 1)  # rows = samples,
+    save_grid(strip.flatten(0, 1), os.path.join(args.out_dir, "trajectory.png"), nrow=9)  # columns = t from 0 to 1
+    save_grid(torch.cat(by_steps), os.path.join(args.out_dir, "steps.png"), nrow=len(noise),
+              captions=[f"{n} steps" for n in STEPS_ROWS])
+    frames = [Image.fromarray(to_uint8(make_grid(x, len(noise), padding=1, pad_value=1.0)[None])[0]) for x in traj]
+    frames[0].save(os.path.join(args.out_dir, "trajectory.gif"), save_all=True, append_images=frames[1:], loop=0,
+                   duration=[60] * (len(frames) - 1) + [1500])  # ms per frame; the finished digits stay 1.5 s
     if args.save_npz:
         np.savez_compressed(args.save_npz, images=to_uint8(images))
     how = f"autoguidance {w:g} from step {guide_step}" if w != 1 else "no guidance"
@@ -428,7 +442,7 @@ def main(argv=None):
     ema = copy.deepcopy(model).requires_grad_(False)
     guide, guide_step = copy.deepcopy(ema), None  # the early copy for autoguidance, filled in during training
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    step = 0
+    step, progress = 0, state.get("progress", []) if state else []  # progress.png's rows: (step, 8 images)
     if state:
         restore(ckpt_path, state, {"model": model, "ema": ema, "opt": opt, "guide": guide})
         step, guide_step = state["step"], state.get("guide_step")
@@ -441,8 +455,17 @@ def main(argv=None):
     metrics = {}
     if training:
         data = load_dataset(DATASET, args.data_root, train=True).to(device)
-        save = lambda s, g: save_checkpoint(ckpt_path, model, ema, opt, s, config,  # noqa: E731
-                                            {"guide": guide.state_dict() if g is not None else None, "guide_step": g})
+        noise = torch.randn(8, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(args.seed)).to(device)
+
+        def save(s, g):  # a checkpoint, and a row of progress.png: the same 8 noises, through the model as it is now
+            if not progress or progress[-1][0] != s:
+                with amp:
+                    x, _ = euler_sample(ema, noise, args.sample_steps)
+                progress.append((s, x.cpu()))
+            save_grid(torch.cat([x for _, x in progress]), os.path.join(args.out_dir, "progress.png"), nrow=8,
+                      captions=[f"step {s}" for s, _ in progress])
+            save_checkpoint(ckpt_path, model, ema, opt, s, config, {"guide": guide.state_dict() if g is not None
+                                                                    else None, "guide_step": g, "progress": progress})
         metrics = train(args, model, ema, opt, data, amp, step, save, guide, guide_step)
         guide_step = metrics["guide_step"]
     metrics.update(generate(args, ema, device, amp, guide, guide_step))

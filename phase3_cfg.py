@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.utils import save_image
+from PIL import Image, ImageDraw
+from torchvision.utils import make_grid
 
 from common import autocast, check_writable, fail, get_device, load_dataset, number
 
@@ -56,7 +57,8 @@ NUM_CLASSES = 10       # digits 0..9; index 10 is the "null" class: no label
 LABEL_DROPOUT = 0.1    # how often a training label becomes the null class (that trains the unconditional model)
 CFG_SCALE = 5.0        # classifier-free guidance scale s (1 = off)
 SWEEP_SCALES = [1, 2, 3, 5, 7]   # rows of cfg_sweep.png
-CKPT_EVERY = 1000      # also save a checkpoint every this many steps
+CKPT_EVERY = 500       # also save a checkpoint (and a row of progress.png) every this many steps
+STEPS_ROWS = [1, 2, 4, 8, 16, 50]   # rows of steps.png: the same noise, integrated in this many Euler steps
 
 
 def get_args(argv=None):
@@ -276,17 +278,15 @@ def get_conditional_loss(model, x1, y, label_dropout=0.1, t_mean=0.0):
 
 
 @torch.no_grad()
-def euler_sample(velocity, noise, steps, keep_every=None):
+def euler_sample(velocity, noise, steps):
     """Integrate dx/dt = velocity(x, t) from t=0 (noise) to t=1 (data) in equal Euler steps.
-
-    Returns the final x and, if keep_every is given, the list of x_t every keep_every steps (for pictures)."""
+    Returns the final x and the list of all the x_t on the way (for pictures)."""
     x, dt = noise, 1.0 / steps
     trajectory = [x]
     for i in range(steps):
         t = torch.full((len(x),), i * dt, device=x.device)
         x = x + dt * velocity(x, t)
-        if keep_every and (i + 1) % keep_every == 0:
-            trajectory.append(x)
+        trajectory.append(x)
     return x, trajectory
 
 
@@ -301,9 +301,9 @@ def guided_velocity(model, x, t, y, cfg_scale):
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
-def sample_conditional(model, labels, cfg_scale, steps, noise, keep_every=None):
+def sample_conditional(model, labels, cfg_scale, steps, noise):
     """Euler sampling of images of the given labels (B,), guided with scale cfg_scale, from noise (B, C, H, W)."""
-    return euler_sample(lambda x, t: guided_velocity(model, x, t, labels, cfg_scale), noise, steps, keep_every)
+    return euler_sample(lambda x, t: guided_velocity(model, x, t, labels, cfg_scale), noise, steps)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -387,19 +387,26 @@ def train(args, model, ema, opt, data, amp, step, save):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Outputs: a row per digit, trajectory strip, CFG sweep, arrays for evaluation
+# Outputs: a row per digit, trajectory, steps, progress, CFG sweep, arrays for evaluation
 
 def to_uint8(x):
     """[-1, 1] floats (N, C, H, W) -> uint8 (N, H, W) for grey or (N, H, W, 3) for RGB."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).squeeze(-1).cpu().numpy()
 
 
-def save_grid(images, path, nrow):
-    save_image((images.clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=1)
+def save_grid(images, path, nrow, captions=()):
+    """Save a grid of [-1, 1] images; with captions, a white strip on the left gives each row's text."""
+    grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
+    strip_w = 8 + 6 * max(map(len, captions)) if captions else 0  # PIL's built-in font: 6 pixels a letter
+    canvas = Image.new("RGB", (strip_w + grid.shape[2], grid.shape[1]), "white")
+    canvas.paste(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()), (strip_w, 0))
+    for i, caption in enumerate(captions):  # in the middle of its row
+        ImageDraw.Draw(canvas).text((4, (i + 0.5) * (grid.shape[1] - 1) / len(captions) - 5), caption, fill="black")
+    canvas.save(path)
 
 
 def generate(args, model, device, amp):
-    """Sample --num-samples of each digit; write samples.png, trajectory.png, cfg_sweep.png and (optionally) the npz."""
+    """Sample --num-samples of each digit; write samples.png, trajectory.png/.gif, steps.png, cfg_sweep.png, the npz."""
     labels = torch.tensor(args.digit, device=device).repeat_interleave(args.num_samples)  # digit-major: rows = digits
     gen = torch.Generator().manual_seed(args.seed)  # noise drawn on the CPU: the same images on every device
     images, t0 = [], time.time()
@@ -412,15 +419,23 @@ def generate(args, model, device, amp):
     cols = min(args.num_samples, 10)  # grid: one row per digit, up to 10 samples each
     save_grid(images.view(len(args.digit), args.num_samples, *IMAGE_SHAPE)[:, :cols].flatten(0, 1),
               os.path.join(args.out_dir, "samples.png"), nrow=cols)
-    # Two pictures from one noise per digit: how noise becomes a digit, and what the guidance scale does.
+    # Four more pictures, from one noise per digit: how noise becomes a digit (a strip of 9 moments and an animation
+    # of every step), what the same noise gives with fewer Euler steps (straight paths need few), and what the
+    # guidance scale does.
     rows, noise = labels[::args.num_samples], torch.randn(len(args.digit), *IMAGE_SHAPE, generator=gen).to(device)
     with amp:
-        _, traj = sample_conditional(model, rows, args.cfg_scale, args.sample_steps, noise,
-                                     keep_every=max(1, args.sample_steps // 8))
+        _, traj = sample_conditional(model, rows, args.cfg_scale, args.sample_steps, noise)
+        by_steps = [sample_conditional(model, rows, args.cfg_scale, n, noise)[0] for n in STEPS_ROWS]
         sweep = [sample_conditional(model, rows, s, args.sample_steps, noise)[0] for s in SWEEP_SCALES]
-    strip = torch.stack([xt.cpu() for xt in traj], dim=1).flatten(0, 1)  # rows = digits, columns = t from 0 to 1
-    save_grid(strip, os.path.join(args.out_dir, "trajectory.png"), nrow=len(traj))
-    save_grid(torch.cat(sweep).cpu(), os.path.join(args.out_dir, "cfg_sweep.png"), nrow=len(rows))
+    strip = torch.stack([traj[round(i * args.sample_steps / 8)].cpu() for i in range(9)], 1)  # rows = digits,
+    save_grid(strip.flatten(0, 1), os.path.join(args.out_dir, "trajectory.png"), nrow=9)  # columns = t from 0 to 1
+    save_grid(torch.cat(by_steps), os.path.join(args.out_dir, "steps.png"), nrow=len(noise),
+              captions=[f"{n} steps" for n in STEPS_ROWS])
+    save_grid(torch.cat(sweep), os.path.join(args.out_dir, "cfg_sweep.png"), nrow=len(noise),
+              captions=[f"cfg scale {s}" for s in SWEEP_SCALES])
+    frames = [Image.fromarray(to_uint8(make_grid(x, len(noise), padding=1, pad_value=1.0)[None])[0]) for x in traj]
+    frames[0].save(os.path.join(args.out_dir, "trajectory.gif"), save_all=True, append_images=frames[1:], loop=0,
+                   duration=[60] * (len(frames) - 1) + [1500])  # ms per frame; the finished digits stay 1.5 s
     if args.save_npz:
         np.savez_compressed(args.save_npz, images=to_uint8(images), labels=labels.cpu().numpy())
     print(f"sampled {len(images)} images in {seconds:.1f}s ({args.sample_steps} Euler steps, CFG scale "
@@ -449,7 +464,7 @@ def main(argv=None):
     model = build_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    step = 0
+    step, progress = 0, state.get("progress", []) if state else []  # progress.png's rows: (step, 8 images)
     if state:
         restore(ckpt_path, state, {"model": model, "ema": ema, "opt": opt})
         step = state["step"]
@@ -462,7 +477,17 @@ def main(argv=None):
     metrics = {}
     if training:
         data = load_dataset(DATASET, args.data_root, train=True).to(device)
-        save = lambda s: save_checkpoint(ckpt_path, model, ema, opt, s, config, {})  # noqa: E731
+        noise = torch.randn(8, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(args.seed)).to(device)
+
+        def save(s):  # a checkpoint, and a row of progress.png: the same 8 noises (digits 0-7), through the model now
+            if not progress or progress[-1][0] != s:
+                with amp:
+                    x, _ = sample_conditional(ema, torch.arange(8, device=device), args.cfg_scale, args.sample_steps,
+                                              noise)
+                progress.append((s, x.cpu()))
+            save_grid(torch.cat([x for _, x in progress]), os.path.join(args.out_dir, "progress.png"), nrow=8,
+                      captions=[f"step {s}" for s, _ in progress])
+            save_checkpoint(ckpt_path, model, ema, opt, s, config, {"progress": progress})
         metrics = train(args, model, ema, opt, data, amp, step, save)
     metrics.update(generate(args, ema, device, amp))
     if training:  # sampling again never rewrites the training run's metrics

@@ -58,7 +58,9 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 CAPTION_DROPOUT = 0.1  # how often a training caption becomes "" (that trains the unconditional model)
 CFG_SCALE = 7.0        # classifier-free guidance scale s (1 = off)
 SWEEP_SCALES = [1, 2, 3, 5, 7]   # rows of cfg_sweep.png
-CKPT_EVERY = 1000      # also save a checkpoint every this many steps
+ATTENTION_TIMES = [0.2, 0.5, 0.8]   # rows of attention.png: the points on the path where it looks
+CKPT_EVERY = 500       # also save a checkpoint (and a row of progress.png) every this many steps
+STEPS_ROWS = [1, 2, 4, 8, 16, 50]   # rows of steps.png: the same noise, integrated in this many Euler steps
 
 
 def get_args(argv=None):
@@ -167,6 +169,12 @@ class CLIPTextEncoder:
         mask = tokens.attention_mask.bool()                                       # (B, L), False = padding
         return self.model(**tokens).last_hidden_state.float() * mask[..., None], mask
 
+    def words(self, prompt):
+        """The prompt's tokens as text, CLIP's start and end tokens included: attention.png's column labels."""
+        names = {self.tokenizer.bos_token: "<start>", self.tokenizer.eos_token: "<end>"}
+        return [names.get(w, w.replace("</w>", "")) for w in self.tokenizer.convert_ids_to_tokens(
+            self.tokenizer(prompt).input_ids)]
+
 
 def modulate(x, shift, scale):
     """adaLN: the conditioning vector sets the shift and scale that LayerNorm would otherwise learn as constants."""
@@ -193,14 +201,20 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim, text_dim, heads):
         super().__init__()
-        self.heads = heads
+        self.heads, self.record = heads, None  # record: a list to append the attention probabilities to
         self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(text_dim, 2 * dim), nn.Linear(dim, dim)
 
     def forward(self, x, text, mask):                        # x: (B, N, D), text: (B, L, Dt), mask: (B, L)
         B, N, D = x.shape
         q = self.q(x).reshape(B, N, self.heads, D // self.heads).transpose(1, 2)                    # (B, h, N, D/h)
         k, v = self.kv(text).reshape(B, -1, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, L, D/h)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # True = may attend
+        if self.record is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # True = may attend
+        else:  # the same attention written out, to keep its probabilities for attention.png
+            scores = (q @ k.transpose(-2, -1) / math.sqrt(D // self.heads)).masked_fill(~mask[:, None, None], -math.inf)
+            probs = scores.softmax(-1)                                                      # (B, h, N, L)
+            self.record.append(probs.mean(1))                                               # mean over heads
+            out = probs @ v
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
@@ -311,17 +325,15 @@ def text_conditional_loss(model, x1, text, mask, t_mean=0.0):
 
 
 @torch.no_grad()
-def euler_sample(velocity, noise, steps, keep_every=None):
+def euler_sample(velocity, noise, steps):
     """Integrate dx/dt = velocity(x, t) from t=0 (noise) to t=1 (data) in equal Euler steps.
-
-    Returns the final x and, if keep_every is given, the list of x_t every keep_every steps (for pictures)."""
+    Returns the final x and the list of all the x_t on the way (for pictures)."""
     x, dt = noise, 1.0 / steps
     trajectory = [x]
     for i in range(steps):
         t = torch.full((len(x),), i * dt, device=x.device)
         x = x + dt * velocity(x, t)
-        if keep_every and (i + 1) % keep_every == 0:
-            trajectory.append(x)
+        trajectory.append(x)
     return x, trajectory
 
 
@@ -340,10 +352,29 @@ def guided_velocity(model, x, t, y, cfg_scale, captions):
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
-def sample_conditional(model, labels, cfg_scale, steps, noise, captions, keep_every=None):
+def sample_conditional(model, labels, cfg_scale, steps, noise, captions):
     """Euler sampling of images of the captions labels (B,) index, guided with scale cfg_scale, from noise."""
-    velocity = lambda x, t: guided_velocity(model, x, t, labels, cfg_scale, captions)  # noqa: E731
-    return euler_sample(velocity, noise, steps, keep_every)
+    return euler_sample(lambda x, t: guided_velocity(model, x, t, labels, cfg_scale, captions), noise, steps)
+
+
+def sample_with_attention(model, labels, cfg_scale, steps, noise, captions, times):
+    """sample_conditional, with every cross-attention keeping its probabilities. Returns the images, the trajectory
+    and, at the Euler steps nearest to `times`, {t: (B, N, L)}: the share of each patch's attention that went to
+    each token, mean over heads and blocks, of the conditional half (the other half reads only the empty prompt)."""
+    records, maps, keep = [], {}, [round(t * steps) for t in times]
+    for block in model.blocks:
+        block.cross.record = records
+
+    def velocity(x, t):
+        records.clear()
+        v = guided_velocity(model, x, t, labels, cfg_scale, captions)
+        if round(t[0].item() * steps) in keep:
+            maps[t[0].item()] = torch.stack(records).mean(0)[:len(x)].float()
+        return v
+    x, trajectory = euler_sample(velocity, noise, steps)
+    for block in model.blocks:
+        block.cross.record = None
+    return x, trajectory, maps
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -443,27 +474,40 @@ def train(args, model, ema, opt, data, amp, step, save, trainer):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Outputs: a row per prompt, trajectory strip, CFG sweep, arrays for evaluation
+# Outputs: a row per prompt, trajectory, steps, progress, CFG sweep, attention, arrays for evaluation
 
 def to_uint8(x):
     """[-1, 1] floats (N, C, H, W) -> uint8 (N, H, W) for grey or (N, H, W, 3) for RGB."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).squeeze(-1).cpu().numpy()
 
 
-def save_grid(images, path, nrow, captions=None):
+def save_grid(images, path, nrow, captions=()):
     """Save a grid of [-1, 1] images; with captions, a white strip on the left gives each row's text."""
     grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
-    picture = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
-    if captions:
-        captions = [" ".join(c.split()) for c in captions]  # one line each, whatever the prompt held
-        row_h, strip_w = (grid.shape[1] - 1) // len(captions), 8 + 6 * max(len(c) for c in captions)
-        canvas = Image.new("RGB", (strip_w + picture.width, picture.height), "white")
-        canvas.paste(picture, (strip_w, 0))
-        draw = ImageDraw.Draw(canvas)
-        for i, caption in enumerate(captions):
-            draw.text((4, i * row_h + row_h // 2 - 5), caption, fill="black")
-        picture = canvas
-    picture.save(path)
+    captions = [" ".join(c.split()) for c in captions]  # one line each, whatever the prompt held
+    strip_w = 8 + 6 * max(map(len, captions)) if captions else 0  # PIL's built-in font: 6 pixels a letter
+    canvas = Image.new("RGB", (strip_w + grid.shape[2], grid.shape[1]), "white")
+    canvas.paste(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()), (strip_w, 0))
+    for i, caption in enumerate(captions):  # in the middle of its row
+        ImageDraw.Draw(canvas).text((4, (i + 0.5) * (grid.shape[1] - 1) / len(captions) - 5), caption, fill="black")
+    canvas.save(path)
+
+
+def save_attention(path, images, trajectory, maps, prompts, words):
+    """attention.png. For each prompt, a row: x_t at each t of `maps`, then the sample. Under it, a row per token
+    (the words and CLIP's start and end tokens; padding left out): how much of each patch's attention went to that
+    token at each t. White = the most that any token got in this prompt's maps."""
+    steps, tiles, captions = len(trajectory) - 1, [], []
+    for p, tokens in enumerate(words):
+        heat = torch.stack([m[p, :, :len(tokens)] for m in maps.values()])          # (T, N patches, tokens)
+        side = math.isqrt(heat.shape[1])                                             # the patch grid's side
+        heat = F.interpolate(heat.transpose(1, 2).unflatten(2, (side, side)), size=images.shape[-2:])
+        heat = (heat / heat.max() * 2 - 1)[:, :, None].expand(-1, -1, images.shape[1], -1, -1).cpu()  # like images
+        tiles += [trajectory[round(t * steps)][p].cpu() for t in maps] + [images[p].cpu()]
+        for j in range(len(tokens)):
+            tiles += [heat[i, j] for i in range(len(maps))] + [torch.ones_like(images[p].cpu())]  # white
+        captions += [prompts[p]] + tokens
+    save_grid(torch.stack(tiles), path, nrow=len(maps) + 1, captions=captions)
 
 
 def class_of_prompt(prompt, classes):
@@ -472,8 +516,9 @@ def class_of_prompt(prompt, classes):
     return named[0] if len(named) == 1 else -1
 
 
-def generate(args, model, captions, device, amp):
-    """Sample --num-samples per prompt; write samples.png, trajectory.png, cfg_sweep.png and (optionally) the npz."""
+def generate(args, model, captions, words, device, amp):
+    """Sample --num-samples per prompt; write samples.png, trajectory.png/.gif, steps.png, cfg_sweep.png,
+    attention.png and (optionally) the npz. `words`: each prompt's tokens, for attention.png."""
     labels = torch.arange(len(args.prompt), device=device).repeat_interleave(args.num_samples)  # rows = prompts
     gen = torch.Generator().manual_seed(args.seed)  # noise drawn on the CPU: the same images on every device
     images, t0 = [], time.time()
@@ -487,16 +532,26 @@ def generate(args, model, captions, device, amp):
     cols = min(args.num_samples, 10)  # grid: one row per prompt, up to 10 samples each
     save_grid(images.view(len(args.prompt), args.num_samples, *IMAGE_SHAPE)[:, :cols].flatten(0, 1),
               os.path.join(args.out_dir, "samples.png"), nrow=cols, captions=args.prompt)
-    # Two pictures from one noise per prompt: how noise becomes a picture, and what the guidance scale does.
+    # Five more pictures, from one noise per prompt: how noise becomes a picture (a strip of 9 moments and an
+    # animation of every step), what the same noise gives with fewer Euler steps (straight paths need few), what
+    # the guidance scale does, and which words each patch reads (the attention of the run that drew the strip).
     rows, noise = labels[::args.num_samples], torch.randn(len(args.prompt), *IMAGE_SHAPE, generator=gen).to(device)
     with amp:
-        _, traj = sample_conditional(model, rows, args.cfg_scale, args.sample_steps, noise, captions,
-                                     keep_every=max(1, args.sample_steps // 8))
+        x, traj, maps = sample_with_attention(model, rows, args.cfg_scale, args.sample_steps, noise, captions,
+                                              ATTENTION_TIMES)
+        by_steps = [sample_conditional(model, rows, args.cfg_scale, n, noise, captions)[0] for n in STEPS_ROWS]
         sweep = [sample_conditional(model, rows, s, args.sample_steps, noise, captions)[0] for s in SWEEP_SCALES]
-    strip = torch.stack([xt.cpu() for xt in traj], dim=1).flatten(0, 1)  # rows = prompts, columns = t from 0 to 1
-    save_grid(strip, os.path.join(args.out_dir, "trajectory.png"), nrow=len(traj), captions=args.prompt)
-    save_grid(torch.cat(sweep).cpu(), os.path.join(args.out_dir, "cfg_sweep.png"), nrow=len(rows),
+    strip = torch.stack([traj[round(i * args.sample_steps / 8)].cpu() for i in range(9)], 1)  # rows = prompts,
+    save_grid(strip.flatten(0, 1), os.path.join(args.out_dir, "trajectory.png"), nrow=9,  # columns = t from 0 to 1
+              captions=args.prompt)
+    save_grid(torch.cat(by_steps), os.path.join(args.out_dir, "steps.png"), nrow=len(noise),
+              captions=[f"{n} steps" for n in STEPS_ROWS])
+    save_grid(torch.cat(sweep), os.path.join(args.out_dir, "cfg_sweep.png"), nrow=len(noise),
               captions=[f"cfg scale {s}" for s in SWEEP_SCALES])
+    save_attention(os.path.join(args.out_dir, "attention.png"), x, traj, maps, args.prompt, words)
+    frames = [Image.fromarray(to_uint8(make_grid(x, len(noise), padding=1, pad_value=1.0)[None])[0]) for x in traj]
+    frames[0].save(os.path.join(args.out_dir, "trajectory.gif"), save_all=True, append_images=frames[1:], loop=0,
+                   duration=[60] * (len(frames) - 1) + [1500])  # ms per frame; the finished pictures stay 1.5 s
     if args.save_npz:  # the class each prompt names (-1: none), so that an evaluation can check it
         named = np.array([class_of_prompt(prompt, CLASSES) for prompt in args.prompt])
         np.savez_compressed(args.save_npz, images=to_uint8(images), labels=named[labels.cpu().numpy()])
@@ -533,7 +588,7 @@ def main(argv=None):
     model = build_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    step = 0
+    step, progress = 0, state.get("progress", []) if state else []  # progress.png's rows: (step, 8 images)
     if state:
         restore(ckpt_path, state, {"model": model, "ema": ema, "opt": opt})
         step = state["step"]
@@ -546,9 +601,20 @@ def main(argv=None):
     metrics = {}
     if training:
         data = load_dataset(DATASET, args.data_root, train=True).to(device)
-        save = lambda s: save_checkpoint(ckpt_path, model, ema, opt, s, config, {})  # noqa: E731
-        metrics = train(args, model, ema, opt, data, amp, step, save, TextConditionalTrainer(encoder, data.classes))
-    metrics.update(generate(args, ema, captions, device, amp))
+        trainer = TextConditionalTrainer(encoder, data.classes)
+        noise = torch.randn(8, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(args.seed)).to(device)
+
+        def save(s):  # a checkpoint, and a row of progress.png: the same 8 noises ("a photo of a" the first 8 classes)
+            if not progress or progress[-1][0] != s:
+                with amp:
+                    x, _ = sample_conditional(ema, torch.arange(8, device=device) * len(TEMPLATES), args.cfg_scale,
+                                              args.sample_steps, noise, (trainer.text, trainer.mask))
+                progress.append((s, x.cpu()))
+            save_grid(torch.cat([x for _, x in progress]), os.path.join(args.out_dir, "progress.png"), nrow=8,
+                      captions=[f"step {s}" for s, _ in progress])
+            save_checkpoint(ckpt_path, model, ema, opt, s, config, {"progress": progress})
+        metrics = train(args, model, ema, opt, data, amp, step, save, trainer)
+    metrics.update(generate(args, ema, captions, [encoder.words(p) for p in args.prompt], device, amp))
     if training:  # sampling again never rewrites the training run's metrics
         with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
             json.dump({"config": config, **metrics}, f, indent=2)

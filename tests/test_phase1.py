@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from PIL import Image
+
 import phase1_flow as p1
 from conftest import assert_clean_error, load_ckpt, run_script
 
@@ -63,9 +65,9 @@ def test_euler_lands_exactly_on_a_single_data_point():
 
 def test_euler_integrates_a_constant_field_and_keeps_a_trajectory():
     noise, a = torch.zeros(2, 1, 4, 4), torch.full((2, 1, 4, 4), 3.0)
-    x, traj = p1.euler_sample(lambda x, t: a, noise, steps=8, keep_every=2)
+    x, traj = p1.euler_sample(lambda x, t: a, noise, steps=8)
     assert torch.allclose(x, a)
-    assert len(traj) == 5 and torch.allclose(traj[2], a / 2)  # after 4 of 8 steps, halfway
+    assert len(traj) == 9 and torch.equal(traj[0], noise) and torch.allclose(traj[4], a / 2)  # 4 of 8 steps: halfway
 
 
 def test_autoguidance_extrapolates_from_the_guide():
@@ -77,22 +79,6 @@ def test_autoguidance_extrapolates_from_the_guide():
         assert torch.allclose(p1.autoguided(model, guide, w)(x, t), torch.full_like(x, 0.5 + w * 1.5))
     # guiding a model with itself changes nothing, whatever w
     assert torch.allclose(p1.autoguided(model, model, 5.0)(x, t), model(x, t))
-
-
-def test_autoguidance_only_inside_its_interval():
-    calls = []
-    model = lambda x, t: torch.full_like(x, 2.0)  # noqa: E731
-    guide = lambda x, t: calls.append(t[0].item()) or torch.full_like(x, 0.5)  # noqa: E731
-    velocity, x = p1.autoguided(model, guide, 3.0, start=0.2, until=0.5), torch.randn(2, 1, 28, 28)
-    assert torch.allclose(velocity(x, torch.full((2,), 0.25)), torch.full_like(x, 0.5 + 3.0 * 1.5))
-    for t_out in (0.1, 0.5):  # before start and from until on: the plain model ...
-        t_out = torch.full((2,), t_out)
-        assert torch.equal(velocity(x, t_out), model(x, t_out))
-    assert calls == [0.25]    # ... and the guide is not run
-    # in the sampler: the guide runs only for the Euler steps that start inside [0.2, 0.5)
-    calls.clear()
-    p1.euler_sample(velocity, x, steps=10)
-    assert calls == pytest.approx([0.2, 0.3, 0.4])
 
 
 def test_time_embedding_really_varies_over_unit_interval():
@@ -115,9 +101,14 @@ def test_cli_trains_and_writes_everything(tmp_path, mnist_root):
     r = run_script("phase1_flow.py", "--data-root", mnist_root, "--out-dir", out, "--save-npz", tmp_path / "s.npz",
                    *FAST)
     assert r.returncode == 0, r.stderr
-    for name in ("samples.png", "trajectory.png", "ckpt.pt", "metrics.json"):
+    for name in ("samples.png", "trajectory.png", "trajectory.gif", "steps.png", "progress.png", "ckpt.pt",
+                 "metrics.json"):
         assert (out / name).exists(), name
     assert not (out / "ckpt.pt.tmp").exists()
+    with Image.open(out / "trajectory.gif") as gif:  # one frame per Euler step, and the noise it starts from
+        assert gif.n_frames == 4 + 1
+    with Image.open(out / "steps.png") as steps:    # one 28-pixel row (and its 1-pixel gap) per step count
+        assert steps.height == len(p1.STEPS_ROWS) * 29 + 1
     npz = np.load(tmp_path / "s.npz")
     assert npz["images"].dtype == np.uint8 and npz["images"].shape == (10, 28, 28)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -266,3 +257,20 @@ def test_bad_flags_are_clean_errors(tmp_path, bad):
     r = run_script("phase1_flow.py", "--out-dir", tmp_path, *bad)
     assert_clean_error(r)
     assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_progress_rows_are_kept_across_resume_and_drawing_them_leaves_training_alone(tmp_path, mnist_root,
+                                                                                     monkeypatch):
+    args = ["--data-root", mnist_root, *map(str, FAST[2:])]
+    p1.main(["--out-dir", str(tmp_path / "a"), "--steps", "4", *args])        # one row, at the end
+    monkeypatch.setattr(p1, "CKPT_EVERY", 1)
+    p1.main(["--out-dir", str(tmp_path / "b"), "--steps", "4", *args])        # a row after every step
+    a, b = load_ckpt(tmp_path / "a" / "ckpt.pt"), load_ckpt(tmp_path / "b" / "ckpt.pt")
+    assert [s for s, _ in a["progress"]] == [4] and [s for s, _ in b["progress"]] == [1, 2, 3, 4]
+    assert torch.equal(a["progress"][0][1], b["progress"][-1][1])            # the same noise, the same model
+    for k in a["model"]:  # drawing the 3 extra rows used none of training's random numbers: the same weights
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    p1.main(["--out-dir", str(tmp_path / "b"), "--steps", "6", "--resume", *args])
+    assert [s for s, _ in load_ckpt(tmp_path / "b" / "ckpt.pt")["progress"]] == [1, 2, 3, 4, 5, 6]
+    with Image.open(tmp_path / "b" / "progress.png") as picture:
+        assert picture.height == 6 * 29 + 1                                  # all 6 rows are in the picture

@@ -57,7 +57,8 @@ def test_cli_trains_and_writes_everything(tmp_path, mnist_root):
                    "--width", 32, "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert "parameters" in r.stdout
-    for name in ("samples.png", "trajectory.png", "ckpt.pt", "metrics.json"):
+    for name in ("samples.png", "trajectory.png", "trajectory.gif", "steps.png", "progress.png", "ckpt.pt",
+                 "metrics.json"):
         assert (out / name).exists(), name
     assert np.load(tmp_path / "s.npz")["images"].shape == (6, 28, 28)
     ckpt = load_ckpt(out / "ckpt.pt")
@@ -78,3 +79,19 @@ def test_cli_trains_and_writes_everything(tmp_path, mnist_root):
 def test_bad_patch_size_is_a_clean_error(tmp_path, size):
     r = run_script("phase2_dit.py", "--out-dir", tmp_path, "--patch-size", size)
     assert_clean_error(r, "--patch-size")
+
+
+def test_autoguidance_only_inside_its_interval():
+    calls = []
+    model = lambda x, t: torch.full_like(x, 2.0)  # noqa: E731
+    guide = lambda x, t: calls.append(t[0].item()) or torch.full_like(x, 0.5)  # noqa: E731
+    velocity, x = p2.autoguided(model, guide, 3.0, start=0.2, until=0.5), torch.randn(2, 1, 28, 28)
+    assert torch.allclose(velocity(x, torch.full((2,), 0.25)), torch.full_like(x, 0.5 + 3.0 * 1.5))
+    for t_out in (0.1, 0.5):  # before start and from until on: the plain model ...
+        t_out = torch.full((2,), t_out)
+        assert torch.equal(velocity(x, t_out), model(x, t_out))
+    assert calls == [0.25]    # ... and the guide is not run
+    # in the sampler: the guide runs only for the Euler steps that start inside [0.2, 0.5)
+    calls.clear()
+    p2.euler_sample(velocity, x, steps=10)
+    assert calls == pytest.approx([0.2, 0.3, 0.4])

@@ -91,7 +91,8 @@ def test_cli_trains_and_writes_everything(tmp_path, mnist_root):
                    "--steps", 4, "--batch-size", 8, "--num-samples", 3, "--sample-steps", 3, "--depth", 2,
                    "--width", 32, "--device", "cpu", "--digit", "3", "5", "1")
     assert r.returncode == 0, r.stderr
-    for name in ("samples.png", "trajectory.png", "cfg_sweep.png", "ckpt.pt", "metrics.json"):
+    for name in ("samples.png", "trajectory.png", "trajectory.gif", "steps.png", "progress.png", "cfg_sweep.png",
+                 "ckpt.pt", "metrics.json"):
         assert (out / name).exists(), name
     npz = np.load(tmp_path / "s.npz")
     assert npz["images"].shape == (9, 28, 28) and npz["labels"].tolist() == [1, 1, 1, 3, 3, 3, 5, 5, 5]

@@ -95,6 +95,31 @@ def test_caption_dropout_uses_the_empty_prompt(encoder, monkeypatch):
     assert len(set(ids.tolist())) == 10 * len(p4.TEMPLATES)
 
 
+def test_attention_maps_are_the_probabilities_that_drew_the_sample(encoder):
+    model, times = small_model(), [0.2, 0.5, 0.8]
+    captions = encoder.encode(["a photo of a dog", "a cat", ""])   # the second prompt is padded
+    labels, noise = torch.tensor([0, 1]), torch.randn(2, 3, 32, 32)
+    x, trajectory, maps = p4.sample_with_attention(model, labels, 3.0, 10, noise, captions, times)
+    assert list(maps) == pytest.approx(times) and len(trajectory) == 11
+    real = captions[1][:2]                                              # (2, L): True = a real token
+    for m in maps.values():
+        assert m.shape == (2, (32 // 4) ** 2, real.shape[1])            # (prompts, 8x8 patch grid, tokens)
+        assert torch.allclose(m.sum(-1), torch.ones(2, 64), atol=1e-5)  # each patch's weights over the tokens: 1
+        assert torch.all(m[1][:, ~real[1]] == 0) and (~real[1]).any()   # padding gets exactly 0
+        assert (m[0] > 0).all()                                         # every real token gets some
+    # recorded from the very call that drew the sample: it equals the fused-kernel sampler's, to float error
+    x_fused, _ = p4.sample_conditional(model, labels, 3.0, 10, noise, captions)
+    assert torch.allclose(x, x_fused, atol=1e-4) and not torch.allclose(x, noise, atol=0.1)
+    assert all(block.cross.record is None for block in model.blocks)   # and recording is off again
+
+
+def test_words_label_every_real_token(encoder):
+    words = encoder.words("a photo of a dog")
+    assert words[0] == "<start>" and words[-1] == "<end>"
+    assert len(words) == encoder.encode(["a photo of a dog"])[1].sum()     # one label per real token
+    assert "".join(words[1:-1]) == "aphotoofadog"
+
+
 def test_class_of_prompt():
     assert p4.class_of_prompt("a photo of a dog", p4.CLASSES) == 5
     assert p4.class_of_prompt("Two Ships at sea", p4.CLASSES) == 8
@@ -114,15 +139,19 @@ def write_cifar_folder(root, per_class=3):
 TINY = ["--depth", 1, "--width", 32, "--batch-size", 8, "--sample-steps", 2, "--device", "cpu"]
 
 
-def test_cli_trains_saves_and_samples_then_samples_straight_away(tmp_path, tiny_clip):
+def test_cli_trains_saves_and_samples_then_samples_straight_away(tmp_path, tiny_clip, encoder):
     root = write_cifar_folder(str(tmp_path / "data"))
     out = tmp_path / "run"
     r = run_script("phase4_clip.py", "--data-root", root, "--clip-model", tiny_clip, "--out-dir", out,
                    "--steps", 3, "--num-samples", 2, "--prompt", "a photo of a dog", "--prompt", "a red\nthing",
                    "--save-npz", tmp_path / "s.npz", *TINY)
     assert r.returncode == 0, r.stderr
-    for name in ("samples.png", "trajectory.png", "cfg_sweep.png", "ckpt.pt", "metrics.json"):
+    for name in ("samples.png", "trajectory.png", "trajectory.gif", "steps.png", "progress.png", "cfg_sweep.png",
+                 "attention.png", "ckpt.pt", "metrics.json"):
         assert (out / name).exists(), name
+    tokens = len(encoder.words("a photo of a dog")) + len(encoder.words("a red\nthing"))
+    with Image.open(out / "attention.png") as picture:  # per prompt: a row of x_t, then one per token (not padding)
+        assert picture.height == (2 + tokens) * 33 + 1
     npz = np.load(tmp_path / "s.npz")
     assert npz["images"].shape == (4, 32, 32, 3) and npz["labels"].tolist() == [5, 5, -1, -1]
     ckpt = load_ckpt(out / "ckpt.pt")

@@ -90,8 +90,8 @@ def test_cli_trains_both_stages_then_samples_then_resumes_the_flow_only(tmp_path
                    "--save-npz", tmp_path / "s.npz", *common)
     assert r.returncode == 0, r.stderr
     assert "broken.jpg" in r.stderr and "Traceback" not in r.stderr
-    for name in ("samples.png", "trajectory.png", "cfg_sweep.png", "recon.png", "latents.png", "ckpt.pt",
-                 "vae.pt", "metrics.json"):
+    for name in ("samples.png", "trajectory.png", "trajectory.gif", "steps.png", "progress.png", "cfg_sweep.png",
+                 "attention.png", "recon.png", "latents.png", "ckpt.pt", "vae.pt", "metrics.json"):
         assert (out / name).exists(), name
     npz = np.load(tmp_path / "s.npz")
     assert npz["images"].shape == (2, 64, 64, 3) and npz["labels"].tolist() == [1, 1]

@@ -1,0 +1,230 @@
+"""
+Score the samples of phases 1-4, the way docs/RESULTS.md does:
+
+    python phase3_cfg.py --num-samples 100 --save-npz out/phase3/samples.npz
+    python evaluate.py out/phase3/samples.npz                  # add --json scores.json to keep the numbers
+
+A classifier trained on the real training set (the first time, a few minutes for MNIST and about 20 for CIFAR-10
+on a laptop CPU; then cached) looks at every sample. The image shape says which dataset (or --dataset):
+
+  accuracy    fraction of the samples classified as the class they were asked to be (only when the npz has
+              labels; phase 4's prompts count through the CIFAR class they name, the others are left out)
+  confidence  mean top-class probability: does each sample look like *some* class?
+  coverage    entropy of the predicted classes / log(10): 1 = all ten equally often, 0 = always the same one
+  FID         Frechet distance between Gaussians fitted to the classifier's features of the samples and of the
+              real test set: quality and variety in one number, lower is better. It grows as N shrinks, so it is
+              printed beside its floor: N real *training* images scored the same way, the best a model can do.
+
+The features are this classifier's, not Inception's: compare these FIDs with each other at equal N, not with
+published ones.
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import autocast, cache_dir, fail, get_device, load_dataset
+
+DATASETS = {  # name: (shape of one image in the npz, the classifier's stage widths, training epochs)
+    "mnist": ((28, 28, 1), (32, 64, 128), 3),
+    "cifar10": ((32, 32, 3), (64, 128, 256), 10),
+}
+BATCH_SIZE, LR = 256, 0.1   # SGD with Nesterov momentum, one cycle: linear warmup over 20%, then linear to 0
+FLOOR_IMAGES = 10_000       # training images whose features are kept for the floor
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Score samples saved with --save-npz (phases 1-4).")
+    p.add_argument("npz", help="a file written by a phase's --save-npz")
+    p.add_argument("--dataset", choices=list(DATASETS), help="default: from the image shape")
+    p.add_argument("--json", metavar="PATH", help="also write the scores to this file")
+    p.add_argument("--data-root", default="data", help="where the real dataset is, or is downloaded to")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The classifier: a small VGG-style CNN
+
+def conv_bn(c_in, c_out):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU())
+
+
+class Classifier(nn.Module):
+    """A stem conv, then stages of (conv, 2x2 max-pool, conv) that each halve the image. A global max-pool gives
+    the feature vector that FID compares (the last stage's width); a linear layer maps it to the 10 classes."""
+
+    def __init__(self, channels, widths):
+        super().__init__()
+        layers, c = [conv_bn(channels, widths[0] // 2)], widths[0] // 2
+        for w in widths:
+            layers += [conv_bn(c, w), nn.MaxPool2d(2), conv_bn(w, w)]
+            c = w
+        self.features = nn.Sequential(*layers, nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):                      # x: (B, C, H, W) in [-1, 1]
+        features = self.features(x)
+        return self.head(features), features
+
+
+def augment(x, flip, shift=2):
+    """Random translations by up to `shift` pixels (each image its own), mirrors if `flip`, a little noise: the
+    classifier must not call a slightly noisy or off-centre sample a different class."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, [shift] * 4, mode="reflect")
+    rows = torch.arange(h, device=x.device)[None, :, None] + torch.randint(2 * shift + 1, (b, 1, 1), device=x.device)
+    cols = torch.arange(w, device=x.device)[None, None, :] + torch.randint(2 * shift + 1, (b, 1, 1), device=x.device)
+    x = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+    if flip:
+        x = torch.where(torch.rand(b, 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+    return x + 0.1 * torch.rand(b, 1, 1, 1, device=x.device) * torch.randn_like(x)
+
+
+def train_classifier(data, widths, epochs, device, amp):
+    torch.manual_seed(0)
+    net = Classifier(data.images.shape[1], widths).to(device)
+    steps = max(1, epochs * len(data.images) // BATCH_SIZE)
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, LR, total_steps=steps, pct_start=0.2, anneal_strategy="linear")
+    flip = data.images.shape[1] == 3  # a mirrored plane is a plane; a mirrored 7 is not a digit
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        x, y = data.random_batch(BATCH_SIZE)
+        with amp:
+            loss = F.cross_entropy(net(augment(x, flip))[0], y, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        schedule.step()
+        if step % 50 == 0 or step == steps:
+            print(f"classifier step {step}/{steps} | loss {loss.item():.3f} | {(time.time() - t0) / 60:.1f} min",
+                  flush=True)
+    return net.eval()
+
+
+@torch.no_grad()
+def classify(net, images, device):
+    """uint8 images (N, C, H, W) -> class probabilities (N, 10) and features (N, D), float64 on the CPU. In fp32
+    on every machine, so the numbers do not depend on the precision a CPU happens to be fast at."""
+    probs, features = [], []
+    for i in range(0, len(images), 500):
+        logits, f = net(images[i:i + 500].to(device).float() / 127.5 - 1)
+        probs.append(logits.float().softmax(1).double().cpu())
+        features.append(f.double().cpu())
+    return torch.cat(probs), torch.cat(features)
+
+
+def get_classifier(dataset, data_root, device):
+    """The cached classifier with its test accuracy, the test set's feature Gaussian and features of real training
+    images (for the floor); trained and cached the first time."""
+    _, widths, epochs = DATASETS[dataset]
+    path = os.path.join(cache_dir(), f"classifier-{dataset}-{'-'.join(map(str, widths))}x{epochs}.pt")
+    channels = DATASETS[dataset][0][2]
+    net = Classifier(channels, widths).to(device)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(saved["net"])
+        return net.eval(), saved
+    except Exception:  # noqa: BLE001 - missing or broken: trained again
+        pass
+    train, test = load_dataset(dataset, data_root, train=True), load_dataset(dataset, data_root, train=False)
+    print(f"training a {dataset} classifier on {len(train.images)} real images (once; cached in {path})", flush=True)
+    t0 = time.time()
+    net = train_classifier(train.to(device), widths, epochs, device, autocast(device))
+    seconds = time.time() - t0
+    probs, features = classify(net, test.images, device)
+    floor_ids = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(0))[:FLOOR_IMAGES]
+    saved = {"net": net.state_dict(), "test_accuracy": (probs.argmax(1) == test.labels).double().mean().item(),
+             "train_seconds": round(seconds, 1), "test_mean": features.mean(0), "test_cov": torch.cov(features.T),
+             "train_features": classify(net, train.images[floor_ids], device)[1].float()}
+    os.makedirs(cache_dir(), exist_ok=True)
+    torch.save(saved, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: an interrupted run never leaves half a classifier behind
+    return net, saved
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The scores
+
+def frechet_distance(mean_a, cov_a, mean_b, cov_b):
+    """Distance between Gaussians: |mean_a - mean_b|^2 + Tr(cov_a + cov_b - 2 (cov_a cov_b)^1/2).
+
+    Tr (cov_a cov_b)^1/2 is the sum of the square roots of the eigenvalues of cov_b^1/2 cov_a cov_b^1/2, which is
+    symmetric, so eigvalsh computes it stably (the product cov_a cov_b itself is not symmetric)."""
+    values, vectors = torch.linalg.eigh(cov_b)
+    root_b = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+    cross = torch.linalg.eigvalsh(root_b @ cov_a @ root_b).clamp(min=0).sqrt().sum()
+    return max(0.0, ((mean_a - mean_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item())
+
+
+def fid(features, saved):
+    return frechet_distance(features.mean(0), torch.cov(features.T), saved["test_mean"], saved["test_cov"])
+
+
+def scores(probs, features, labels, saved):
+    """All the numbers for one set of samples: probs (N, 10), features (N, D), labels (N,) or None."""
+    predicted = probs.argmax(1)
+    share = torch.bincount(predicted, minlength=10).double() / len(predicted)
+    share = share[share > 0]
+    result = {"n": len(predicted), "confidence": probs.max(1).values.mean().item(),
+              "coverage": (-(share * share.log()).sum() / math.log(10)).item(), "fid": fid(features, saved),
+              "fid_floor": fid(saved["train_features"][:len(predicted)].double(), saved)}
+    if labels is not None and (labels >= 0).any():
+        asked = labels >= 0  # -1: a prompt that named no class
+        result["accuracy"] = (predicted[asked] == labels[asked]).double().mean().item()
+        result["n_labelled"] = int(asked.sum())
+    return result
+
+
+def load_samples(path, dataset=None):
+    """The npz's images as uint8 (N, C, H, W), its labels (or None), and the dataset they belong to."""
+    try:
+        npz = np.load(path)
+        arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError) as e:
+        fail(f"cannot read {path!r} as an .npz file ({e})")
+    if "images" not in arrays:
+        fail(f"{path} has no 'images' array (it has: {', '.join(arrays) or 'nothing'}); write it with --save-npz")
+    images, labels = arrays["images"], arrays.get("labels")
+    shape = images.shape
+    if images.ndim == 3:
+        images = images[..., None]  # grey (N, H, W) -> (N, H, W, 1)
+    matches = [name for name, (shape, _, _) in DATASETS.items() if images.shape[1:] == shape]
+    matches = matches if images.dtype == np.uint8 else []  # floats would need a guess at their range: refused
+    if not matches or dataset not in (None, *matches) or len(images) < 2:
+        fail(f"{path}: images of shape {shape} and dtype {images.dtype}; expected at least 2 uint8 images of "
+             f"(28, 28) for mnist or (32, 32, 3) for cifar10" + (f" (--dataset {dataset})" if dataset else ""))
+    if labels is not None and (labels.shape != (len(images),) or labels.min() < -1 or labels.max() > 9):
+        fail(f"{path}: 'labels' must be one class 0-9 (or -1) per image")
+    return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+            None if labels is None else torch.from_numpy(labels).long(), dataset or matches[0])
+
+
+def main(argv=None):
+    args = get_args(argv)
+    images, labels, dataset = load_samples(args.npz, args.dataset)
+    device = get_device(args.device)
+    net, saved = get_classifier(dataset, args.data_root, device)
+    print(f"{dataset} classifier: {saved['test_accuracy']:.2%} on the real test set "
+          f"(trained in {saved['train_seconds'] / 60:.1f} min)", flush=True)
+    result = {"npz": args.npz, "dataset": dataset, "classifier_test_accuracy": saved["test_accuracy"],
+              **scores(*classify(net, images, device), labels, saved)}
+    print(f"{result['n']} samples from {args.npz}")
+    if "accuracy" in result:
+        print(f"  accuracy    {result['accuracy']:.3f}  (of the {result['n_labelled']} asked for a class)")
+    print(f"  confidence  {result['confidence']:.3f}\n  coverage    {result['coverage']:.3f}")
+    print(f"  FID         {result['fid']:.2f}   (floor at this N: {result['fid_floor']:.2f}, real training images)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

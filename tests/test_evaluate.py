@@ -1,0 +1,119 @@
+import contextlib
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+import evaluate as ev
+from common import ImageData
+from conftest import assert_clean_error, run_script
+
+CPU = torch.device("cpu")
+
+
+def blocks(n, seed=0):
+    """n 28x28 uint8 images of 10 classes: a bright 4x4 block in one of 10 cells (2 rows of 5, 5 pixels apart),
+    plus noise. Far enough apart that the classifier's 2-pixel shifts never move one class onto another."""
+    g = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    images = (g.random((n, 28, 28)) * 40).astype(np.uint8)
+    for i, y in enumerate(labels):
+        r, c = 6 + 12 * (y // 5), 2 + 5 * (y % 5)
+        images[i, r:r + 4, c:c + 4] = 255
+    return torch.from_numpy(images)[:, None], torch.from_numpy(labels).long()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    images, labels = blocks(1000)
+    net = ev.train_classifier(ImageData(images, labels, []), (8, 16, 32), 8, CPU, contextlib.nullcontext())
+    probs, features = ev.classify(net, images, CPU)
+    saved = {"test_mean": features.mean(0), "test_cov": torch.cov(features.T), "train_features": features.float()}
+    return net, images, labels, probs, features, saved
+
+
+def test_frechet_distance_matches_the_textbook_formula_and_is_zero_for_one_gaussian():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 6, generator=g, dtype=torch.float64)
+    b = torch.randn(400, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64) + 1
+    (ma, ca), (mb, cb) = (a.mean(0), torch.cov(a.T)), (b.mean(0), torch.cov(b.T))
+    textbook = ((ma - mb).square().sum() + ca.trace() + cb.trace()
+                - 2 * np.trace(scipy.linalg.sqrtm(ca.numpy() @ cb.numpy())).real).item()
+    assert ev.frechet_distance(ma, ca, mb, cb) == pytest.approx(textbook, rel=1e-8)
+    assert ev.frechet_distance(ma, ca, ma, ca) == pytest.approx(0, abs=1e-8)
+
+
+def test_matching_labels_score_1_and_shuffled_ones_chance(trained):
+    _, _, labels, probs, features, saved = trained
+    right = ev.scores(probs, features, labels, saved)
+    assert right["accuracy"] > 0.97 and right["n_labelled"] == 1000
+    shuffled = ev.scores(probs, features, labels[torch.randperm(1000, generator=torch.Generator().manual_seed(0))],
+                         saved)
+    assert 0.05 < shuffled["accuracy"] < 0.2
+    # labels -1 (a prompt that named no class) are left out of the accuracy, and counted everywhere else
+    partly = labels.clone()
+    partly[::2] = -1
+    result = ev.scores(probs, features, partly, saved)
+    assert result["n_labelled"] == 500 and result["n"] == 1000 and result["accuracy"] > 0.97
+    assert "accuracy" not in ev.scores(probs, features, None, saved)
+
+
+def test_coverage_is_1_for_all_classes_equally_and_0_for_one(trained):
+    net, images, labels, probs, features, saved = trained
+    assert ev.scores(probs, features, None, saved)["coverage"] > 0.97
+    one = ev.classify(net, images[labels == 3], CPU)
+    assert ev.scores(*one, None, saved)["coverage"] < 0.1
+
+
+def test_fid_is_zero_for_the_real_set_and_grows_with_noise(trained):
+    net, images, _, probs, features, saved = trained
+    assert ev.scores(probs, features, None, saved)["fid"] == pytest.approx(0, abs=1e-6)
+    assert ev.scores(probs, features, None, saved)["fid_floor"] == pytest.approx(0, abs=1e-6)
+    g, fids = torch.Generator().manual_seed(0), []
+    for std in (10, 40, 100):
+        noisy = (images.float() + std * torch.randn(images.shape, generator=g)).clamp(0, 255).round().byte()
+        fids.append(ev.scores(*ev.classify(net, noisy, CPU), None, saved)["fid"])
+    assert 0 < fids[0] < fids[1] < fids[2]
+
+
+def save_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"pictures": np.zeros((4, 28, 28), np.uint8)}, "no 'images'"),
+    ({"images": np.zeros((4, 30, 30), np.uint8)}, "shape (4, 30, 30)"),
+    ({"images": np.zeros((4, 28, 28), np.float32)}, "uint8"),
+    ({"images": np.zeros((1, 28, 28), np.uint8)}, "at least 2"),
+    ({"images": np.zeros((4, 28, 28), np.uint8), "labels": np.arange(3)}, "'labels'"),
+    ({"images": np.zeros((4, 28, 28), np.uint8), "labels": np.full(4, 10)}, "'labels'"),
+])
+def test_bad_npz_files_are_one_clear_error(tmp_path, arrays, message):
+    assert_clean_error(run_script("evaluate.py", save_npz(tmp_path / "s.npz", **arrays)), message)
+
+
+def test_a_missing_file_and_the_wrong_dataset_are_clear_errors(tmp_path):
+    assert_clean_error(run_script("evaluate.py", tmp_path / "nothing.npz"), "cannot read")
+    digits = save_npz(tmp_path / "s.npz", images=np.zeros((4, 28, 28), np.uint8))
+    assert_clean_error(run_script("evaluate.py", digits, "--dataset", "cifar10"), "--dataset cifar10")
+
+
+def test_cli_trains_the_classifier_once_then_reuses_it(tmp_path, mnist_root):
+    from conftest import synthetic_digits
+    images, labels = synthetic_digits(20, seed=7)
+    npz = save_npz(tmp_path / "s.npz", images=images, labels=labels.astype(np.int64))
+    env = {"FLOWMATCH_CACHE": str(tmp_path / "cache")}
+    r = run_script("evaluate.py", npz, "--data-root", mnist_root, "--json", tmp_path / "scores.json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "training a mnist classifier" in r.stdout and "FID" in r.stdout and "floor" in r.stdout
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["dataset"] == "mnist" and scores["n"] == 20 and scores["n_labelled"] == 20
+    assert {"accuracy", "confidence", "coverage", "fid", "fid_floor", "classifier_test_accuracy"} <= set(scores)
+    assert (tmp_path / "cache").is_dir() and any(p.name.startswith("classifier-mnist") for p in
+                                                 (tmp_path / "cache").iterdir())
+    r = run_script("evaluate.py", npz, "--data-root", tmp_path / "no data", env=env)  # cached: no data needed
+    assert r.returncode == 0, r.stderr
+    assert "training a" not in r.stdout and f"{scores['fid']:.2f}" in r.stdout
