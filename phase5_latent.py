@@ -596,18 +596,18 @@ def save_grid(images, path, nrow, captions=()):
 
 def save_attention(path, images, trajectory, maps, prompts, words):
     """attention.png. For each prompt, a row: x_t at each t of `maps`, then the sample. Under it, a row per token
-    (the words and CLIP's start and end tokens; padding left out): how much of each patch's attention went to that
-    token at each t. White = the most that any token got in this prompt's maps."""
+    (the words and CLIP's start and end tokens; padding left out): where the patches read that token at each t
+    (white = the most that token gets), and, beside the token, its share of all the attention, averaged."""
     steps, tiles, captions = len(trajectory) - 1, [], []
     for p, tokens in enumerate(words):
-        heat = torch.stack([m[p, :, :len(tokens)] for m in maps.values()])          # (T, N patches, tokens)
-        side = math.isqrt(heat.shape[1])                                             # the patch grid's side
-        heat = F.interpolate(heat.transpose(1, 2).unflatten(2, (side, side)), size=images.shape[-2:])
-        heat = (heat / heat.max() * 2 - 1)[:, :, None].expand(-1, -1, images.shape[1], -1, -1).cpu()  # like images
+        weights = torch.stack([m[p, :, :len(tokens)] for m in maps.values()]).cpu()  # (T, N patches, tokens)
+        side = math.isqrt(weights.shape[1])                                          # the patch grid's side
+        heat = F.interpolate(weights.transpose(1, 2).unflatten(2, (side, side)), size=images.shape[-2:])
+        heat = (heat / heat.amax(dim=(0, 2, 3), keepdim=True) * 2 - 1)[:, :, None]  # (T, tokens, 1, H, W)
         tiles += [trajectory[round(t * steps)][p].cpu() for t in maps] + [images[p].cpu()]
         for j in range(len(tokens)):
-            tiles += [heat[i, j] for i in range(len(maps))] + [torch.ones_like(images[p].cpu())]  # white
-        captions += [prompts[p]] + tokens
+            tiles += [heat[i, j].expand_as(images[p]) for i in range(len(maps))] + [torch.ones_like(tiles[-1])]
+        captions += [prompts[p]] + [f"{w}  {share:.0%}" for w, share in zip(tokens, weights.mean((0, 1)))]
     save_grid(torch.stack(tiles), path, nrow=len(maps) + 1, captions=captions)
 
 
