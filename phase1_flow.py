@@ -22,7 +22,6 @@ it makes the same kinds of mistakes as the final model, only bigger. Extrapolate
 Run:
     python phase1_flow.py                          # train, then sample; run it again to sample from out/phase1
     python phase1_flow.py --resume --steps 8000    # train the same model further
-    python phase1_flow.py --max-minutes 5          # stop training after 5 minutes, whatever the step
     python phase1_flow.py --guidance 1             # sample without autoguidance
 """
 import argparse
@@ -183,8 +182,7 @@ def flow_matching_loss(model, x1, t_mean=0.0):
 def euler_sample(velocity, noise, steps):
     """Integrate dx/dt = velocity(x, t) from t=0 (noise) to t=1 (data) in equal Euler steps.
     Returns the final x and the list of all the x_t on the way (for pictures)."""
-    x, dt = noise, 1.0 / steps
-    trajectory = [x]
+    x, dt, trajectory = noise, 1.0 / steps, [noise]
     for i in range(steps):
         t = torch.full((len(x),), i * dt, device=x.device)
         x = x + dt * velocity(x, t)
@@ -333,7 +331,7 @@ def generate(args, model, device, amp, guide, guide_step):
     strip = torch.stack([traj[round(i * args.sample_steps / 8)].cpu() for i in range(9)], 1)  # rows = samples,
     save_grid(strip.flatten(0, 1), os.path.join(args.out_dir, "trajectory.png"), nrow=9)  # columns = t from 0 to 1
     save_grid(torch.cat(by_steps), os.path.join(args.out_dir, "steps.png"), nrow=len(noise),
-              captions=[f"{n} steps" for n in STEPS_ROWS])
+              captions=[f"{n} step" + "s" * (n > 1) for n in STEPS_ROWS])
     frames = [Image.fromarray(to_uint8(make_grid(x, len(noise), padding=1, pad_value=1.0)[None])[0]) for x in traj]
     frames[0].save(os.path.join(args.out_dir, "trajectory.gif"), save_all=True, append_images=frames[1:], loop=0,
                    duration=[60] * (len(frames) - 1) + [1500])  # ms per frame; the finished digits stay 1.5 s

@@ -14,7 +14,6 @@ from noise. Autoguidance extrapolates away from an early copy of the model: v = 
 Run:
     python phase2_dit.py                          # train, then sample; run it again to sample from out/phase2
     python phase2_dit.py --resume --steps 8000    # train the same model further
-    python phase2_dit.py --max-minutes 5          # stop training after 5 minutes, whatever the step
     python phase2_dit.py --guidance 1             # sample without autoguidance
 """
 import argparse
@@ -254,8 +253,7 @@ def flow_matching_loss(model, x1, t_mean=0.0):
 def euler_sample(velocity, noise, steps):
     """Integrate dx/dt = velocity(x, t) from t=0 (noise) to t=1 (data) in equal Euler steps.
     Returns the final x and the list of all the x_t on the way (for pictures)."""
-    x, dt = noise, 1.0 / steps
-    trajectory = [x]
+    x, dt, trajectory = noise, 1.0 / steps, [noise]
     for i in range(steps):
         t = torch.full((len(x),), i * dt, device=x.device)
         x = x + dt * velocity(x, t)
@@ -408,7 +406,7 @@ def generate(args, model, device, amp, guide, guide_step):
     strip = torch.stack([traj[round(i * args.sample_steps / 8)].cpu() for i in range(9)], 1)  # rows = samples,
     save_grid(strip.flatten(0, 1), os.path.join(args.out_dir, "trajectory.png"), nrow=9)  # columns = t from 0 to 1
     save_grid(torch.cat(by_steps), os.path.join(args.out_dir, "steps.png"), nrow=len(noise),
-              captions=[f"{n} steps" for n in STEPS_ROWS])
+              captions=[f"{n} step" + "s" * (n > 1) for n in STEPS_ROWS])
     frames = [Image.fromarray(to_uint8(make_grid(x, len(noise), padding=1, pad_value=1.0)[None])[0]) for x in traj]
     frames[0].save(os.path.join(args.out_dir, "trajectory.gif"), save_all=True, append_images=frames[1:], loop=0,
                    duration=[60] * (len(frames) - 1) + [1500])  # ms per frame; the finished digits stay 1.5 s
@@ -457,7 +455,7 @@ def main(argv=None):
         data = load_dataset(DATASET, args.data_root, train=True).to(device)
         noise = torch.randn(8, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
-        def save(s, g):  # a checkpoint, and a row of progress.png: the same 8 noises, through the model as it is now
+        def save(s, g):  # a checkpoint, and a row of progress.png: the same 8 noises through the model as it is now
             if not progress or progress[-1][0] != s:
                 with amp:
                     x, _ = euler_sample(ema, noise, args.sample_steps)

@@ -19,7 +19,6 @@ Run:
     python phase3_cfg.py                          # train, then sample; run it again to sample from out/phase3
     python phase3_cfg.py --digit 7 --cfg-scale 5  # ten 7s from out/phase3 (--digit 3 8: two rows)
     python phase3_cfg.py --resume --steps 3000    # train the same model further
-    python phase3_cfg.py --max-minutes 5          # stop training after 5 minutes, whatever the step
 """
 import argparse
 import copy
@@ -281,8 +280,7 @@ def get_conditional_loss(model, x1, y, label_dropout=0.1, t_mean=0.0):
 def euler_sample(velocity, noise, steps):
     """Integrate dx/dt = velocity(x, t) from t=0 (noise) to t=1 (data) in equal Euler steps.
     Returns the final x and the list of all the x_t on the way (for pictures)."""
-    x, dt = noise, 1.0 / steps
-    trajectory = [x]
+    x, dt, trajectory = noise, 1.0 / steps, [noise]
     for i in range(steps):
         t = torch.full((len(x),), i * dt, device=x.device)
         x = x + dt * velocity(x, t)
@@ -430,7 +428,7 @@ def generate(args, model, device, amp):
     strip = torch.stack([traj[round(i * args.sample_steps / 8)].cpu() for i in range(9)], 1)  # rows = digits,
     save_grid(strip.flatten(0, 1), os.path.join(args.out_dir, "trajectory.png"), nrow=9)  # columns = t from 0 to 1
     save_grid(torch.cat(by_steps), os.path.join(args.out_dir, "steps.png"), nrow=len(noise),
-              captions=[f"{n} steps" for n in STEPS_ROWS])
+              captions=[f"{n} step" + "s" * (n > 1) for n in STEPS_ROWS])
     save_grid(torch.cat(sweep), os.path.join(args.out_dir, "cfg_sweep.png"), nrow=len(noise),
               captions=[f"cfg scale {s}" for s in SWEEP_SCALES])
     frames = [Image.fromarray(to_uint8(make_grid(x, len(noise), padding=1, pad_value=1.0)[None])[0]) for x in traj]

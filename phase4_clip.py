@@ -328,8 +328,7 @@ def text_conditional_loss(model, x1, text, mask, t_mean=0.0):
 def euler_sample(velocity, noise, steps):
     """Integrate dx/dt = velocity(x, t) from t=0 (noise) to t=1 (data) in equal Euler steps.
     Returns the final x and the list of all the x_t on the way (for pictures)."""
-    x, dt = noise, 1.0 / steps
-    trajectory = [x]
+    x, dt, trajectory = noise, 1.0 / steps, [noise]
     for i in range(steps):
         t = torch.full((len(x),), i * dt, device=x.device)
         x = x + dt * velocity(x, t)
@@ -545,7 +544,7 @@ def generate(args, model, captions, words, device, amp):
     save_grid(strip.flatten(0, 1), os.path.join(args.out_dir, "trajectory.png"), nrow=9,  # columns = t from 0 to 1
               captions=args.prompt)
     save_grid(torch.cat(by_steps), os.path.join(args.out_dir, "steps.png"), nrow=len(noise),
-              captions=[f"{n} steps" for n in STEPS_ROWS])
+              captions=[f"{n} step" + "s" * (n > 1) for n in STEPS_ROWS])
     save_grid(torch.cat(sweep), os.path.join(args.out_dir, "cfg_sweep.png"), nrow=len(noise),
               captions=[f"cfg scale {s}" for s in SWEEP_SCALES])
     save_attention(os.path.join(args.out_dir, "attention.png"), x, traj, maps, args.prompt, words)

@@ -6,6 +6,7 @@ predictable from their neighbours. A small convolutional VAE learns to squeeze i
 numbers, 12x fewer) and back. The flow model then works on latents: noise -> latent -> decoder -> image.
 Stage 1 trains the VAE (reconstruction + a small KL term that keeps the latent space smooth); every image is then
 encoded once; stage 2 trains the text-conditional DiT of phase 4 on the latents, scaled to unit variance.
+And past one device: under torchrun, several copies share every batch and DDP averages their gradients (main).
 
 From phases 1-4: flow matching trains a network v(x_t, t) on the straight path x_t = (1 - t) x0 + t x1 from noise
 x0 (t = 0) to data x1 (t = 1), and samples by Euler steps x += dt * v. The network is a DiT (patches as tokens, t
@@ -17,6 +18,7 @@ Run:
     python phase5_latent.py --data path/to/my_images --out-dir out/mine   # your own pictures, a folder per class
     python phase5_latent.py --resume --steps 6000                # train the flow further
     python phase5_latent.py --clip-model path/to/clip            # a CLIP saved on disk (offline)
+    torchrun --standalone --nproc_per_node 4 phase5_latent.py    # 4 GPUs (or CPU processes), one model
 """
 import argparse
 import copy
@@ -29,8 +31,10 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
@@ -66,6 +70,7 @@ CFG_SCALE = 7.0        # classifier-free guidance scale s (1 = off)
 SWEEP_SCALES = [1, 2, 3, 5, 7]   # rows of cfg_sweep.png
 ATTENTION_TIMES = [0.2, 0.5, 0.8]   # rows of attention.png: the points on the path where it looks
 CKPT_EVERY = 500       # also save a checkpoint (and a row of progress.png) every this many steps
+SHARD = slice(None)    # the part of each batch this process trains on: all of it, unless torchrun starts several
 STEPS_ROWS = [1, 2, 4, 8, 16, 50]   # rows of steps.png: the same noise, integrated in this many Euler steps
 
 
@@ -155,6 +160,7 @@ def kl_divergence(mean, logvar):
 
 def vae_loss(vae, x, kl_weight):
     """Reconstruction (MSE) + a small KL weight: just enough to keep the latent space smooth and bounded."""
+    x = x[SHARD]  # several processes: this one's share (its noise in vae() is the same draw as the others')
     recon, mean, logvar = vae(x)
     return F.mse_loss(recon, x) + kl_weight * kl_divergence(mean, logvar)
 
@@ -422,15 +428,15 @@ def text_conditional_loss(model, x1, text, mask, t_mean=0.0):
     x0 = torch.randn_like(x1)                                  # noise
     t = sample_t(len(x1), x1.device, t_mean)
     xt, target = interpolate(x0, x1, t)
-    return F.mse_loss(model(xt, t, text, mask), target)
+    s = SHARD  # several processes: all drew the same numbers for the whole batch; each computes its share
+    return F.mse_loss(model(xt[s], t[s], text[s], mask[s]), target[s])
 
 
 @torch.no_grad()
 def euler_sample(velocity, noise, steps):
     """Integrate dx/dt = velocity(x, t) from t=0 (noise) to t=1 (data) in equal Euler steps.
     Returns the final x and the list of all the x_t on the way (for pictures)."""
-    x, dt = noise, 1.0 / steps
-    trajectory = [x]
+    x, dt, trajectory = noise, 1.0 / steps, [noise]
     for i in range(steps):
         t = torch.full((len(x),), i * dt, device=x.device)
         x = x + dt * velocity(x, t)
@@ -669,7 +675,7 @@ def generate(args, model, captions, words, vae, config, device, amp):
     save_grid(strip.flatten(0, 1), os.path.join(args.out_dir, "trajectory.png"), nrow=9,  # columns = t from 0 to 1
               captions=args.prompt)
     save_grid(torch.cat(by_steps), os.path.join(args.out_dir, "steps.png"), nrow=len(noise),
-              captions=[f"{n} steps" for n in STEPS_ROWS])
+              captions=[f"{n} step" + "s" * (n > 1) for n in STEPS_ROWS])
     save_grid(torch.cat(sweep), os.path.join(args.out_dir, "cfg_sweep.png"), nrow=len(noise),
               captions=[f"cfg scale {s}" for s in SWEEP_SCALES])
     save_attention(os.path.join(args.out_dir, "attention.png"), x, traj, maps, args.prompt, words)
@@ -697,11 +703,31 @@ def split_holdout(data):
 # Main: the VAE (trained if missing), the latents, the flow (trained if missing, or --resume), then samples
 
 def main(argv=None):
+    global SHARD
     args = get_args(argv)
     device = get_device(args.device)
+    # Past one device: `torchrun --nproc_per_node N phase5_latent.py` starts N copies of this script. They all
+    # draw the same random numbers (same seed), so they pick the same batch; each computes the loss on its share
+    # (SHARD) and DDP averages the gradients: the weights stay identical in every copy, and equal to one process
+    # training on the whole batch. Copy 0 writes the files and prints; the others only train.
+    if "RANK" in os.environ:  # set by torchrun
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        SHARD = slice(dist.get_rank(), None, dist.get_world_size())
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per copy
+            torch.cuda.set_device(device)
+        if args.batch_size % dist.get_world_size() or VAE_BATCH_SIZE % dist.get_world_size():
+            fail(f"{dist.get_world_size()} processes cannot share --batch-size {args.batch_size} (and the VAE's "
+                 f"{VAE_BATCH_SIZE}) equally")
+    first = SHARD.start in (None, 0)
+    sys.stdout = sys.stdout if first else open(os.devnull, "w")
+
+    def wrap(model):  # what train() runs: with several processes, DDP around the model, averaging the gradients
+        return DDP(model, [device.index] if device.type == "cuda" else None) if dist.is_initialized() else model
     amp = autocast(device, args.precision)
     torch.manual_seed(args.seed)
-    check_writable(args.out_dir, args.save_npz)
+    if first:
+        check_writable(args.out_dir, args.save_npz)
     ckpt_path, vae_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "vae.pt")
     state = load_checkpoint(ckpt_path, device) if os.path.exists(ckpt_path) else None
     if state is None and args.resume and not os.path.exists(vae_path):
@@ -727,14 +753,15 @@ def main(argv=None):
         print("stage 1: the VAE", flush=True)
         vae_args = argparse.Namespace(**{**vars(args), "steps": args.vae_steps, "batch_size": VAE_BATCH_SIZE,
                                          "lr": VAE_LR, "max_minutes": None})
-        save = lambda s: save_checkpoint(vae_path, vae, vae_ema, vae_opt, s, {}, {})  # noqa: E731
-        metrics["vae"] = train(vae_args, vae, vae_ema, vae_opt, train_data, amp, vae_step, save, VAETrainer())
+        save = lambda s: save_checkpoint(vae_path, vae, vae_ema, vae_opt, s, {}, {}) if first else None  # noqa: E731
+        metrics["vae"] = train(vae_args, wrap(vae), vae_ema, vae_opt, train_data, amp, vae_step, save, VAETrainer())
         vae_step = metrics["vae"]["steps"]
         if vae_step < args.vae_steps:  # Ctrl-C: stop here rather than train a flow on a half-trained VAE
             raise SystemExit(f"the VAE is saved at step {vae_step}; the same command with --resume goes on")
-        metrics["vae_psnr_db"] = round(psnr_db(vae_ema, holdout), 2)
-        save_vae_pictures(args, vae_ema, holdout)
-        print(f"VAE (step {vae_step}): held-out reconstruction PSNR {metrics['vae_psnr_db']} dB", flush=True)
+        if first:
+            metrics["vae_psnr_db"] = round(psnr_db(vae_ema, holdout), 2)
+            save_vae_pictures(args, vae_ema, holdout)
+            print(f"VAE (step {vae_step}): held-out reconstruction PSNR {metrics['vae_psnr_db']} dB", flush=True)
 
     # Encode once: every training image (and its mirror) becomes a latent, scaled to unit variance like the noise
     # it is matched with (Stable Diffusion's 0.18215 is this number, for its VAE).
@@ -777,6 +804,8 @@ def main(argv=None):
         noise = torch.randn(8, *LATENT_SHAPE, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
         def save(s):  # a checkpoint, and a row of progress.png: the same 8 noises ("a photo of a" the first 8 classes)
+            if not first:
+                return
             if not progress or progress[-1][0] != s:
                 first8 = torch.arange(8, device=device) % len(config["classes"])  # (your --data may have fewer)
                 with amp:
@@ -786,7 +815,11 @@ def main(argv=None):
             save_grid(torch.cat([x for _, x in progress]), os.path.join(args.out_dir, "progress.png"), nrow=8,
                       captions=[f"step {s}" for s, _ in progress])
             save_checkpoint(ckpt_path, model, ema, opt, s, config, {"progress": progress})
-        metrics.update(train(args, model, ema, opt, latents, amp, step, save, trainer))
+        metrics.update(train(args, wrap(model), ema, opt, latents, amp, step, save, trainer))
+    if dist.is_initialized():  # training is over: copy 0 alone samples
+        dist.destroy_process_group()
+        if not first:
+            return
     metrics.update(generate(args, ema, captions, [encoder.words(p) for p in args.prompt], vae_ema, config, device,
                             amp))
     if training or train_vae_now:  # sampling again never rewrites the training run's metrics

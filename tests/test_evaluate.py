@@ -112,8 +112,12 @@ def test_cli_trains_the_classifier_once_then_reuses_it(tmp_path, mnist_root):
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert scores["dataset"] == "mnist" and scores["n"] == 20 and scores["n_labelled"] == 20
     assert {"accuracy", "confidence", "coverage", "fid", "fid_floor", "classifier_test_accuracy"} <= set(scores)
+    assert scores["fid_floor_n"] == 20                     # the floor is at the samples' N
     assert (tmp_path / "cache").is_dir() and any(p.name.startswith("classifier-mnist") for p in
                                                  (tmp_path / "cache").iterdir())
     r = run_script("evaluate.py", npz, "--data-root", tmp_path / "no data", env=env)  # cached: no data needed
     assert r.returncode == 0, r.stderr
     assert "training a" not in r.stdout and f"{scores['fid']:.2f}" in r.stdout
+    blocker = tmp_path / "file"                            # a --json path that cannot be written: one line
+    blocker.write_text("")
+    assert_clean_error(run_script("evaluate.py", npz, "--json", blocker / "s.json", env=env), "--json")

@@ -1,5 +1,8 @@
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +11,7 @@ from PIL import Image
 
 import phase5_latent as p5
 from common import ImageData
-from conftest import assert_clean_error, load_ckpt, run_script
+from conftest import OFFLINE_ENV, ROOT, assert_clean_error, load_ckpt, run_script
 
 
 def test_vae_shapes():
@@ -138,3 +141,51 @@ def test_a_flow_without_its_vae_and_a_phase4_checkpoint_are_clean_errors(tmp_pat
     r = run_script("phase5_latent.py", "--data", folder, "--clip-model", tiny_clip, "--out-dir", tmp_path, *TINY)
     assert_clean_error(r, "phase 4")
     assert not (tmp_path / "vae.pt").exists()   # nothing written into another phase's folder
+
+
+SPY = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+import phase5_latent as p5
+train = p5.train
+def spy(args, model, *rest):  # after training: this process's weights, to compare the processes
+    result = train(args, model, *rest)
+    weights = {{k.removeprefix("module."): v for k, v in model.state_dict().items()}}
+    torch.save(weights, os.path.join(args.out_dir, "weights-%s-%d.pt" % (os.environ.get("RANK", "0"), args.steps)))
+    return result
+p5.train = spy
+p5.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_two_processes_train_the_flow_like_one_process_with_the_whole_batch(tmp_path, tiny_clip):
+    spy = tmp_path / "spy.py"
+    spy.write_text(SPY.format(root=ROOT))
+    folder = write_flower_folder(str(tmp_path / "flowers"))
+    common = ["--data", folder, "--clip-model", tiny_clip, *map(str, TINY), "--precision", "fp32"]
+    # One VAE for both (stage 1 shards its reparameterisation noise, so its runs agree in distribution only).
+    assert run_script("phase5_latent.py", "--out-dir", tmp_path / "vae", "--vae-steps", 2, "--steps", 1,
+                      *common).returncode == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
+    for name, launch in (("one", [sys.executable]), ("two", torchrun)):
+        os.makedirs(tmp_path / name)
+        shutil.copy(tmp_path / "vae" / "vae.pt", tmp_path / name / "vae.pt")
+        for extra in (["--steps", "3"], ["--steps", "5", "--resume"]):  # and on from a checkpoint
+            r = subprocess.run([*launch, str(spy), "--out-dir", str(tmp_path / name), *extra, *common], cwd=ROOT,
+                               capture_output=True, text=True, env=env, timeout=300)
+            assert r.returncode == 0, r.stderr[-3000:]
+    two = [torch.load(tmp_path / "two" / f"weights-{rank}-5.pt") for rank in (0, 1)]
+    one = torch.load(tmp_path / "one" / "weights-0-5.pt")
+    assert load_ckpt(tmp_path / "two" / "ckpt.pt")["step"] == 5                   # written by process 0
+    for k in one:
+        assert torch.equal(two[0][k], two[1][k]), k                              # the copies hold the same weights
+        assert torch.allclose(two[0][k], one[k], atol=1e-5, rtol=1e-4), (k, (two[0][k] - one[k]).abs().max())
+    assert (tmp_path / "two" / "samples.png").exists()
+
+
+def test_torchrun_needs_a_batch_it_can_share(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3",
+                        os.path.join(ROOT, "phase5_latent.py"), "--out-dir", str(tmp_path), *map(str, TINY)],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, **OFFLINE_ENV}, timeout=300)
+    assert r.returncode != 0 and "cannot share --batch-size 4" in r.stderr
