@@ -168,10 +168,11 @@ def test_torchrun_two_processes_train_the_flow_like_one_process_with_the_whole_b
                       *common).returncode == 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
-    for name, launch in (("one", [sys.executable]), ("two", torchrun)):
+    for name, launch, runs in (("one", [sys.executable], [["--steps", "5"]]),  # two: 3 steps, then resumed to 5
+                               ("two", torchrun, [["--steps", "3"], ["--steps", "5", "--resume"]])):
         os.makedirs(tmp_path / name)
         shutil.copy(tmp_path / "vae" / "vae.pt", tmp_path / name / "vae.pt")
-        for extra in (["--steps", "3"], ["--steps", "5", "--resume"]):  # and on from a checkpoint
+        for extra in runs:
             r = subprocess.run([*launch, str(spy), "--out-dir", str(tmp_path / name), *extra, *common], cwd=ROOT,
                                capture_output=True, text=True, env=env, timeout=300)
             assert r.returncode == 0, r.stderr[-3000:]
