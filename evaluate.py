@@ -221,8 +221,8 @@ def main(argv=None):
     if "accuracy" in result:
         print(f"  accuracy    {result['accuracy']:.3f}  (of the {result['n_labelled']} asked for a class)")
     print(f"  confidence  {result['confidence']:.3f}\n  coverage    {result['coverage']:.3f}")
-    print(f"  FID         {result['fid']:.2f}   (floor: {result['fid_floor']:.2f}, {result['fid_floor_n']} real training "
-          f"images)")
+    print(f"  FID         {result['fid']:.2f}   (floor: {result['fid_floor']:.2f}, "
+          f"{result['fid_floor_n']} real training images)")
     if args.json:
         try:
             with open(args.json, "w") as f:

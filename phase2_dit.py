@@ -321,7 +321,7 @@ def train(args, model, ema, opt, data, amp, step, save, guide, guide_step):
     At GUIDE_AT of the run, the EMA weights are copied into `guide` (for autoguidance at sampling)."""
     n_params = sum(p.numel() for p in model.parameters())
     print(f"training {n_params / 1e6:.2f}M parameters from step {step} to {args.steps}", flush=True)
-    t_start, start_step, smooth_loss = time.time(), step, None
+    t_start, start_step, smooth_loss, saved = time.time(), step, None, step or None  # saved: the step on disk
     minutes = lambda: (time.time() - t_start) / 60  # noqa: E731
     while step < args.steps and not (args.max_minutes and minutes() >= args.max_minutes):
         try:
@@ -354,11 +354,13 @@ def train(args, model, ema, opt, data, amp, step, save, guide, guide_step):
                 print(line, end="\r" if sys.stdout.isatty() else "\n", flush=True)
             if step % CKPT_EVERY == 0:
                 save(step, guide_step)
+                saved = step
         except KeyboardInterrupt:
             print("\ninterrupted: saving a checkpoint", flush=True)
             break
     print(flush=True)
-    save(step, guide_step)
+    if saved != step:  # the end, or Ctrl-C: unless the periodic save just wrote this very step
+        save(step, guide_step)
     seconds = 60 * minutes()
     return {"steps": step, "train_seconds": round(seconds, 1), "params": n_params, "final_smooth_loss": smooth_loss,
             "train_images_per_s": round((step - start_step) * args.batch_size / max(seconds, 1e-9), 1),
@@ -456,10 +458,8 @@ def main(argv=None):
         noise = torch.randn(8, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
         def save(s, g):  # a checkpoint, and a row of progress.png: the same 8 noises through the model as it is now
-            if not progress or progress[-1][0] != s:
-                with amp:
-                    x, _ = euler_sample(ema, noise, args.sample_steps)
-                progress.append((s, x.cpu()))
+            with amp:
+                progress.append((s, euler_sample(ema, noise, args.sample_steps)[0].cpu()))
             save_grid(torch.cat([x for _, x in progress]), os.path.join(args.out_dir, "progress.png"), nrow=8,
                       captions=[f"step {s}" for s, _ in progress])
             save_checkpoint(ckpt_path, model, ema, opt, s, config, {"guide": guide.state_dict() if g is not None
