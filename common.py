@@ -1,5 +1,6 @@
 """
-What the phases share: picking a device, checking the command line, and loading a dataset into memory.
+What the phases share: picking a device, checking the command line, writing files safely, measuring the step, and
+loading a dataset into memory.
 
 A dataset becomes ONE uint8 tensor (N, C, H, W) plus int64 labels, kept on the training device.
 A training batch is then a random index into that tensor: no DataLoader workers, no PIL in the loop.
@@ -38,6 +39,13 @@ def number(kind, low=0, low_ok=False):
     return parse
 
 
+def npz_file(text):
+    """argparse type of --save-npz: a file name, '.npz' added as numpy would add it (a folder is an error)."""
+    if text.endswith(("/", os.sep)) or os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder: name a file, e.g. {os.path.join(text, 'samples.npz')}")
+    return text if text.endswith(".npz") else text + ".npz"
+
+
 def check_writable(out_dir, npz=None):
     """Create --out-dir and make sure it (and --save-npz's folder) can be written now, not after an hour of training."""
     for folder in [out_dir] + ([os.path.dirname(os.path.abspath(npz))] if npz else []):
@@ -48,6 +56,52 @@ def check_writable(out_dir, npz=None):
             os.remove(probe)
         except OSError as e:
             fail(f"cannot write to {folder!r} ({e.strerror}): choose another --out-dir / --save-npz")
+
+
+def atomic_write(path, write):
+    """write(file) into a temporary file beside `path`, then rename it over `path`: a crash, a kill or a full disk
+    mid-write never leaves a half-written file, and the previous one stays until the new one is complete."""
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: two runs into the same folder never share it
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        kept = "the previous one is kept" if os.path.exists(path) else "nothing was written"
+        fail(f"could not write {path} ({' '.join(str(e).split())[:160]}); is the disk full? {kept}")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_same_data(config, data, name, path):
+    """A checkpoint remembers what it was trained on; going on with other data (another folder, other classes, a
+    different number of images) would mix two datasets in one model, so it is refused."""
+    seen = {"dataset": name, "classes": list(data.classes), "images": len(data.images)}
+    if config.setdefault("data", seen) != seen:
+        was = config["data"]
+        fail(f"{path} was trained on {was['dataset']} ({was['images']} images, {len(was['classes'])} classes), not "
+             f"{name} ({seen['images']} images, {len(seen['classes'])} classes): use that data, or another --out-dir")
+
+
+def note_ignored(args, config, defaults):
+    """A checkpoint rebuilds the model it trained: model-size flags given with other values are named, not dropped
+    in silence. defaults: {flag's dest: its default}."""
+    ignored = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k, default in defaults.items()
+               if getattr(args, k) not in (default, config.get(k))]
+    if ignored:
+        print(f"note: {', '.join(ignored)} ignored: the checkpoint keeps its own "
+              f"({', '.join(f'{k} {config.get(k)}' for k in defaults)})", file=sys.stderr, flush=True)
+
+
+def finite(loss, step):
+    """The smoothed loss as a number (None before the first step). NaN or infinity stops the run with one line
+    before anything is saved: a diverged model never replaces a good checkpoint."""
+    value = None if loss is None else loss.item()
+    if value is not None and not math.isfinite(value):
+        fail(f"the loss is {value} at step {step}: training diverged (a lower --lr may help); nothing of this run "
+             f"since the last save was written, the checkpoint on disk is kept")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -88,6 +142,29 @@ def autocast(device, precision="auto"):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+# Peak dense bf16 FLOP/s of common GPUs, from their data sheets: the denominator of the MFU.
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "4090": 165e12}
+
+
+def step_flops(batch_loss):
+    """The FLOPs of one training step, forward and backward, as PyTorch counts them on one batch. The random
+    numbers that batch draws are put back, so training draws the same batches as it would have without this."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.random.fork_rng([torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        with FlopCounterMode(display=False) as counter:
+            batch_loss().backward()
+    return counter.get_total_flops()
+
+
+def gpu_mfu(flops_per_second):
+    """MFU, "model FLOPs utilisation": the share of the GPU's peak arithmetic that the training step uses (None
+    off CUDA, or for a GPU not in the table). The rest of the time the GPU waits: for memory, for kernel launches,
+    for Python. Small models on a big GPU reach a few percent; large transformer runs reach 30-50%."""
+    name = torch.cuda.get_device_name() if flops_per_second and torch.cuda.is_available() else ""
+    peak = next((flops for gpu, flops in GPU_PEAK_BF16.items() if gpu in name), None)
+    return flops_per_second / peak if peak else None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # In-memory image datasets
 
@@ -122,8 +199,8 @@ def download(what, root, make):
                 if not os.listdir(folder):
                     os.rmdir(folder)
         why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-        fail(f"could not load {what} from {os.path.abspath(root)!r} and could not download it ({why}). "
-             f"If you are offline, point --data-root at a folder that already holds it")
+        fail(f"could not load {what} from {os.path.abspath(root)!r} ({why}). If it is not there and you are offline, "
+             f"point --data-root at a folder that holds it; if it is there, a file may be damaged (delete it)")
 
 
 def load_mnist(root, train=True):
@@ -157,9 +234,9 @@ def load_image_folder(folder, image_size):
     if not files:
         fail(f"no images found in {folder!r} (expected {folder}/<class name>/<image>.jpg)")
     # The cache key covers the folder, the size and every file's name, byte size and time, so edits invalidate it.
-    key = hashlib.sha1(repr((os.path.abspath(folder), image_size, [(p, os.path.getsize(p), os.path.getmtime(p))
-                                                                   for _, p in files])).encode()).hexdigest()[:16]
-    cache = os.path.join(cache_dir(), f"{os.path.basename(os.path.normpath(folder))}-{image_size}px-{key}.pt")
+    stamp = lambda p: (p, os.path.getsize(p), os.path.getmtime(p)) if os.path.exists(p) else (p,)  # noqa: E731
+    key = hashlib.sha1(repr((os.path.abspath(folder), image_size, [stamp(p) for _, p in files])).encode()).hexdigest()
+    cache = os.path.join(cache_dir(), f"{os.path.basename(os.path.normpath(folder))}-{image_size}px-{key[:16]}.pt")
     return cached(cache, lambda: decode_folder(folder, files, classes, image_size))
 
 
@@ -171,7 +248,7 @@ def decode_folder(folder, files, classes, image_size):
         try:
             images.append(square_crop(Image.open(path), image_size))
             labels.append(classes.index(c))
-        except OSError:  # not an image after all, truncated, or unreadable: skipped, and named below
+        except (OSError, Image.DecompressionBombError):  # not an image, truncated, a dangling link, too large
             bad.append(os.path.relpath(path, folder))
     if bad:
         print(f"warning: skipped {len(bad)} unreadable file(s): {', '.join(bad[:5])}", file=sys.stderr, flush=True)
@@ -193,11 +270,19 @@ def cached(path, build):
         d = torch.load(path, weights_only=True)
         return ImageData(d["images"], d["labels"], d["classes"])
     except Exception:  # noqa: BLE001 - missing or broken: rebuilt, never fatal
-        images, labels, classes = build()   # (N, H, W, 3) uint8 array, list of ints, list of names
+        pass
+    try:  # checked before the decoding (minutes), not after it
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        writable = os.access(os.path.dirname(path), os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        print(f"warning: cannot write the cache folder {cache_dir()!r}: the images are decoded again next time "
+              f"(set FLOWMATCH_CACHE to a writable folder)", file=sys.stderr, flush=True)
+    images, labels, classes = build()   # (N, H, W, 3) uint8 array, list of ints, list of names
     data = ImageData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels), classes)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"images": data.images, "labels": data.labels, "classes": data.classes}, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a crash mid-write never leaves a half cache behind
+    if writable:
+        atomic_write(path, lambda f: torch.save({"images": data.images, "labels": data.labels, "classes": classes}, f))
     return data
 
 

@@ -174,7 +174,7 @@ def scores(probs, features, labels, saved):
     share = torch.bincount(predicted, minlength=10).double() / len(predicted)
     share = share[share > 0]
     result = {"n": len(predicted), "confidence": probs.max(1).values.mean().item(),
-              "coverage": (-(share * share.log()).sum() / math.log(10)).item(), "fid": fid(features, saved),
+              "coverage": abs((share * share.log()).sum().item()) / math.log(10), "fid": fid(features, saved),
               "fid_floor": fid(saved["train_features"][:len(predicted)].double(), saved),
               "fid_floor_n": min(len(predicted), len(saved["train_features"]))}
     if labels is not None and (labels >= 0).any():
@@ -187,10 +187,12 @@ def scores(probs, features, labels, saved):
 def load_samples(path, dataset=None):
     """The npz's images as uint8 (N, C, H, W), its labels (or None), and the dataset they belong to."""
     try:
-        npz = np.load(path)
-        arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError) as e:
-        fail(f"cannot read {path!r} as an .npz file ({e})")
+        with np.load(path) as npz:  # an .npz is a zip of .npy arrays; a lone .npy is one array, with no names
+            arrays = {key: npz[key] for key in npz.files}
+        if not all(isinstance(array, np.ndarray) for array in arrays.values()):
+            raise ValueError("it holds files that are not numpy arrays")
+    except Exception as e:  # noqa: BLE001 - missing, truncated, not a zip, a zip of other files, a lone .npy
+        fail(f"cannot read {path!r} as an .npz file of arrays ({type(e).__name__}: {' '.join(str(e).split())[:120]})")
     if "images" not in arrays:
         fail(f"{path} has no 'images' array (it has: {', '.join(arrays) or 'nothing'}); write it with --save-npz")
     images, labels = arrays["images"], arrays.get("labels")
@@ -202,8 +204,10 @@ def load_samples(path, dataset=None):
     if not matches or dataset not in (None, *matches) or len(images) < 2:
         fail(f"{path}: images of shape {shape} and dtype {images.dtype}; expected at least 2 uint8 images of "
              f"(28, 28) for mnist or (32, 32, 3) for cifar10" + (f" (--dataset {dataset})" if dataset else ""))
-    if labels is not None and (labels.shape != (len(images),) or labels.min() < -1 or labels.max() > 9):
-        fail(f"{path}: 'labels' must be one class 0-9 (or -1) per image")
+    if labels is not None and (labels.dtype.kind not in "iu" or labels.shape != (len(images),) or labels.min() < -1
+                               or labels.max() > 9):
+        fail(f"{path}: 'labels' must be one integer class 0-9 (or -1) per image (it holds {labels.dtype}, shape "
+             f"{labels.shape})")
     return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
             None if labels is None else torch.from_numpy(labels).long(), dataset or matches[0])
 

@@ -29,6 +29,7 @@ import copy
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -39,7 +40,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
-from common import autocast, check_writable, fail, get_device, load_dataset, number
+from common import (atomic_write, autocast, check_same_data, check_writable, fail, finite, get_device, gpu_mfu,
+                    load_dataset, note_ignored, npz_file, number, step_flops)
 
 # ----------------------------------------------------------------------------------------------------------
 # Settings: everything that differs between the phases is here (the measured results: docs/RESULTS.md)
@@ -58,6 +60,7 @@ SAMPLE_STEPS = 50      # Euler steps from noise to data
 GUIDANCE = 4.0         # autoguidance weight w (1 = off)
 GUIDE_AT = 0.2         # the guide is the EMA model as it was at 20% of the run
 CKPT_EVERY = 500       # also save a checkpoint (and a row of progress.png) every this many steps
+COMPILE = True         # torch.compile the model on a CUDA GPU: fused kernels, several times faster (slower start)
 STEPS_ROWS = [1, 2, 4, 8, 16, 50]   # rows of steps.png: the same noise, integrated in this many Euler steps
 
 
@@ -72,17 +75,17 @@ def get_args(argv=None):
     p.add_argument("--sample-steps", type=number(int), default=SAMPLE_STEPS, help="Euler steps from noise to data")
     p.add_argument("--guidance", type=number(float, 0, True), default=GUIDANCE, help="autoguidance w (1 = off)")
     p.add_argument("--resume", action="store_true", help="train <out-dir>/ckpt.pt further, up to --steps")
-    p.add_argument("--save-npz", metavar="PATH", help="also save the samples as uint8 arrays (for evaluation)")
+    p.add_argument("--save-npz", metavar="PATH", type=npz_file, help="also save the samples as uint8 arrays")
     p.add_argument("--data-root", default="data", help="where MNIST is, or is downloaded to")
     p.add_argument("--out-dir", default="out/phase1", help="checkpoint, pictures and metrics go here")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="bf16 autocast or fp32")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on "
+                   "CUDA only; --no-compile for old GPUs, or Windows without triton)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.width % 8:
         p.error("--width must be a multiple of 8 (GroupNorm uses 8 groups)")
-    if args.save_npz and not args.save_npz.endswith(".npz"):
-        args.save_npz += ".npz"  # what numpy would do anyway: say the real name
     return args
 
 
@@ -212,8 +215,7 @@ def save_checkpoint(path, model, ema, opt, step, config, extra):
     state = {"phase": PHASE, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
              "step": step, "config": config, "rng": torch.get_rng_state(), **extra,
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: an interrupted save never leaves a broken ckpt.pt
+    atomic_write(path, lambda f: torch.save(state, f))  # a kill or a full disk never leaves a broken ckpt.pt
 
 
 def load_checkpoint(path, device):
@@ -223,8 +225,9 @@ def load_checkpoint(path, device):
         state["config"], state["step"]  # noqa: B018 - check the keys exist
     except Exception as e:  # noqa: BLE001
         fail(f"checkpoint {path} is unreadable ({type(e).__name__}); move it away or use another --out-dir")
-    if state.get("phase", PHASE) != PHASE:
-        fail(f"{path} was written by phase {state['phase']}, not phase {PHASE}: use another --out-dir")
+    if state.get("phase") != PHASE:
+        who = f"phase {state['phase']}" if "phase" in state else "an older version of these scripts"
+        fail(f"{path} was written by {who}, not phase {PHASE}: use another --out-dir")
     return state
 
 
@@ -244,9 +247,18 @@ def restore(path, state, modules):
 def train(args, model, ema, opt, data, amp, step, save, guide, guide_step):
     """Train until --steps or --max-minutes; `save(step)` checkpoints periodically, at the end and on Ctrl-C.
     At GUIDE_AT of the run, the EMA weights are copied into `guide` (for autoguidance at sampling)."""
-    n_params = sum(p.numel() for p in model.parameters())
+
+    def batch_loss():  # a random batch through the model: the lines of this loop that the later phases change
+        x1, _ = data.random_batch(args.batch_size)
+        with amp:  # forward pass in bf16 where it is fast (see common.autocast); the loss in fp32
+            return flow_matching_loss(model, x1, T_MEAN)
+
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    n_params = sum(p.numel() for p in params)
     print(f"training {n_params / 1e6:.2f}M parameters from step {step} to {args.steps}", flush=True)
-    t_start, start_step, smooth_loss, saved = time.time(), step, None, step or None  # saved: the step on disk
+    flops = step_flops(batch_loss) if params[0].is_cuda else 0  # per step, for the MFU (see common.gpu_mfu)
+    t_start, start_step, smooth_loss, saved = time.time(), step, None, step  # saved: the step on disk
+    t_line, step_line = t_start, step
     minutes = lambda: (time.time() - t_start) / 60  # noqa: E731
     while step < args.steps and not (args.max_minutes and minutes() >= args.max_minutes):
         try:
@@ -254,42 +266,48 @@ def train(args, model, ema, opt, data, amp, step, save, guide, guide_step):
             progress = max(step / args.steps, minutes() / args.max_minutes if args.max_minutes else 0)
             for group in opt.param_groups:  # linear warmup, constant, linear cooldown to 0 over the last COOLDOWN
                 group["lr"] = args.lr * min(1.0, (step + 1) / WARMUP_STEPS, max(1.0 - progress, 0.0) / COOLDOWN)
-            x1, _ = data.random_batch(args.batch_size)
-            with amp:  # forward pass in bf16 where it is fast (see common.autocast); the loss in fp32
-                loss = flow_matching_loss(model, x1, T_MEAN)
+            loss = batch_loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # one bad batch cannot wreck the weights
+            torch.nn.utils.clip_grad_norm_(params, 1.0)  # one bad batch cannot wreck the weights
             opt.step()
-            # EMA of the weights: a running average that samples better than the noisy latest weights.
-            # The decay ramps up from 0 so that early EMA weights are not stuck near the random init.
-            decay = min(EMA_DECAY, (1 + step) / (10 + step))
+            # EMA of the weights: a running average that samples better than the noisy latest weights, in one call
+            # for all of them. The decay ramps up from 0 so that early EMA weights are not stuck near the init.
             with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - decay)
+                torch._foreach_lerp_(ema_params, params, 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
             step += 1
             if guide_step is None and progress >= GUIDE_AT:
                 guide.load_state_dict(ema.state_dict())
                 guide_step = step
-            smooth_loss = loss.item() if smooth_loss is None else 0.98 * smooth_loss + 0.02 * loss.item()
+            # The smoothed loss stays on the device: reading it (.item()) makes the CPU wait for the GPU to finish,
+            # so it is read only to print it, and to check it is a number before a save.
+            smooth_loss = loss.detach() if smooth_loss is None else smooth_loss.lerp(loss.detach(), 0.02)
             if step % 25 == 0 or step == args.steps:  # one updating line in a terminal, a line each in a log file
-                rate = (step - start_step) / (60 * minutes())
-                eta = (args.steps - step) / rate
-                line = f"step {step}/{args.steps} | loss {smooth_loss:.4f} | {rate:.1f} it/s | ETA {eta / 60:.1f} min"
+                rate = (step - step_line) / (time.time() - t_line)
+                t_line, step_line = time.time(), step
+                mfu = gpu_mfu(flops * rate)  # None off CUDA
+                line = (f"step {step}/{args.steps} | loss {finite(smooth_loss, step):.4f} | {rate:.1f} it/s, "
+                        f"{rate * args.batch_size:.0f} images/s" + (f" | MFU {mfu:.1%}" if mfu else "")
+                        + f" | ETA {(args.steps - step) / rate / 60:.1f} min")
                 print(line, end="\r" if sys.stdout.isatty() else "\n", flush=True)
             if step % CKPT_EVERY == 0:
+                finite(smooth_loss, step)  # a diverged model never reaches the disk
                 save(step, guide_step)
                 saved = step
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C, or a kill (SIGTERM, see main)
             print("\ninterrupted: saving a checkpoint", flush=True)
             break
     print(flush=True)
+    if step == 0:
+        fail("stopped before the first training step: there is nothing to save")
     if saved != step:  # the end, or Ctrl-C: unless the periodic save just wrote this very step
+        finite(smooth_loss, step)
         save(step, guide_step)
     seconds = 60 * minutes()
-    return {"steps": step, "train_seconds": round(seconds, 1), "params": n_params, "final_smooth_loss": smooth_loss,
+    return {"steps": step, "train_seconds": round(seconds, 1), "params": n_params,
+            "final_smooth_loss": finite(smooth_loss, step),
             "train_images_per_s": round((step - start_step) * args.batch_size / max(seconds, 1e-9), 1),
-            "guide_step": guide_step}
+            "mfu": gpu_mfu(flops * (step - start_step) / max(seconds, 1e-9)), "guide_step": guide_step}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -338,7 +356,7 @@ def generate(args, model, device, amp, guide, guide_step):
     frames[0].save(os.path.join(args.out_dir, "trajectory.gif"), save_all=True, append_images=frames[1:], loop=0,
                    duration=[60] * (len(frames) - 1) + [1500])  # ms per frame; the finished digits stay 1.5 s
     if args.save_npz:
-        np.savez_compressed(args.save_npz, images=to_uint8(images))
+        atomic_write(args.save_npz, lambda f: np.savez_compressed(f, images=to_uint8(images)))
     how = f"autoguidance {w:g} from step {guide_step}" if w != 1 else "no guidance"
     print(f"sampled {len(images)} images in {seconds:.1f}s ({args.sample_steps} Euler steps, {how}) -> {args.out_dir}"
           + (f" and {args.save_npz}" if args.save_npz else ""), flush=True)
@@ -351,6 +369,7 @@ def generate(args, model, device, amp, guide, guide_step):
 
 def main(argv=None):
     args = get_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill (a cluster's preemption) saves like Ctrl-C
     device = get_device(args.device)
     amp = autocast(device, args.precision)
     torch.manual_seed(args.seed)
@@ -365,7 +384,8 @@ def main(argv=None):
     model = build_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     guide, guide_step = copy.deepcopy(ema), None  # the early copy for autoguidance, filled in during training
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    # fused: one kernel updates all the weights (on CUDA and CPU; MPS uses the default loop)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
     step, progress = 0, state.get("progress", []) if state else []  # progress.png's rows: (step, 8 images)
     if state:
         restore(ckpt_path, state, {"model": model, "ema": ema, "opt": opt, "guide": guide})
@@ -375,19 +395,26 @@ def main(argv=None):
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         print(f"found {ckpt_path} (step {step}): " + ("training it further" if training else "sampling from it"
               + (" (it has --steps already: raise --steps to train further)" if args.resume else "")), flush=True)
+        note_ignored(args, config, {"width": WIDTH})
+    if args.compile if args.compile is not None else COMPILE and device.type == "cuda":
+        for module in (model, ema, guide):  # in place: the weights, and so the checkpoints, stay as they are
+            module.compile()
 
     metrics = {}
     if training:
         data = load_dataset(DATASET, args.data_root, train=True).to(device)
+        check_same_data(config, data, DATASET, ckpt_path)
         noise = torch.randn(8, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
         def save(s, g):  # a checkpoint, and a row of progress.png: the same 8 noises through the model as it is now
             with amp:
-                progress.append((s, euler_sample(ema, noise, args.sample_steps)[0].cpu()))
+                row = (s, euler_sample(ema, noise, args.sample_steps)[0].cpu())
+            guide_state = guide.state_dict() if g is not None else None
+            save_checkpoint(ckpt_path, model, ema, opt, s, config, {"guide": guide_state, "guide_step": g,
+                                                                    "progress": progress + [row]})
+            progress.append(row)  # the picture shows only what is on disk
             save_grid(torch.cat([x for _, x in progress]), os.path.join(args.out_dir, "progress.png"), nrow=8,
                       captions=[f"step {s}" for s, _ in progress])
-            save_checkpoint(ckpt_path, model, ema, opt, s, config, {"guide": guide.state_dict() if g is not None
-                                                                    else None, "guide_step": g, "progress": progress})
         metrics = train(args, model, ema, opt, data, amp, step, save, guide, guide_step)
         guide_step = metrics["guide_step"]
     metrics.update(generate(args, ema, device, amp, guide, guide_step))
@@ -397,4 +424,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # outside training (loading data, sampling): nothing to save
+        fail("interrupted")

@@ -25,6 +25,7 @@ import copy
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -35,7 +36,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
-from common import autocast, check_writable, fail, get_device, load_dataset, number
+from common import (atomic_write, autocast, check_same_data, check_writable, fail, finite, get_device, gpu_mfu,
+                    load_dataset, note_ignored, npz_file, number, step_flops)
 
 # ----------------------------------------------------------------------------------------------------------
 # Settings: everything that differs between the phases is here (the measured results: docs/RESULTS.md)
@@ -57,6 +59,7 @@ LABEL_DROPOUT = 0.1    # how often a training label becomes the null class (that
 CFG_SCALE = 5.0        # classifier-free guidance scale s (1 = off)
 SWEEP_SCALES = [1, 2, 3, 5, 7]   # rows of cfg_sweep.png
 CKPT_EVERY = 500       # also save a checkpoint (and a row of progress.png) every this many steps
+COMPILE = True         # torch.compile the model on a CUDA GPU: fused kernels, several times faster (slower start)
 STEPS_ROWS = [1, 2, 4, 8, 16, 50]   # rows of steps.png: the same noise, integrated in this many Euler steps
 
 
@@ -73,17 +76,17 @@ def get_args(argv=None):
     p.add_argument("--sample-steps", type=number(int), default=SAMPLE_STEPS, help="Euler steps from noise to data")
     p.add_argument("--cfg-scale", type=number(float, 0, True), default=CFG_SCALE, help="guidance scale s (1 = off)")
     p.add_argument("--resume", action="store_true", help="train <out-dir>/ckpt.pt further, up to --steps")
-    p.add_argument("--save-npz", metavar="PATH", help="also save the samples as uint8 arrays (for evaluation)")
+    p.add_argument("--save-npz", metavar="PATH", type=npz_file, help="also save the samples as uint8 arrays")
     p.add_argument("--data-root", default="data", help="where MNIST is, or is downloaded to")
     p.add_argument("--out-dir", default="out/phase3", help="checkpoint, pictures and metrics go here")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="bf16 autocast or fp32")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on "
+                   "CUDA only; --no-compile for old GPUs, or Windows without triton)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.width % (4 * HEADS):
         p.error(f"--width must be a multiple of {4 * HEADS} ({HEADS} heads; the 2-D position code splits it in four)")
-    if args.save_npz and not args.save_npz.endswith(".npz"):
-        args.save_npz += ".npz"  # what numpy would do anyway: say the real name
     args.digit = sorted(set(args.digit)) if args.digit else list(range(NUM_CLASSES))
     return args
 
@@ -311,8 +314,7 @@ def save_checkpoint(path, model, ema, opt, step, config, extra):
     state = {"phase": PHASE, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
              "step": step, "config": config, "rng": torch.get_rng_state(), **extra,
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: an interrupted save never leaves a broken ckpt.pt
+    atomic_write(path, lambda f: torch.save(state, f))  # a kill or a full disk never leaves a broken ckpt.pt
 
 
 def load_checkpoint(path, device):
@@ -322,8 +324,9 @@ def load_checkpoint(path, device):
         state["config"], state["step"]  # noqa: B018 - check the keys exist
     except Exception as e:  # noqa: BLE001
         fail(f"checkpoint {path} is unreadable ({type(e).__name__}); move it away or use another --out-dir")
-    if state.get("phase", PHASE) != PHASE:
-        fail(f"{path} was written by phase {state['phase']}, not phase {PHASE}: use another --out-dir")
+    if state.get("phase") != PHASE:
+        who = f"phase {state['phase']}" if "phase" in state else "an older version of these scripts"
+        fail(f"{path} was written by {who}, not phase {PHASE}: use another --out-dir")
     return state
 
 
@@ -342,9 +345,18 @@ def restore(path, state, modules):
 
 def train(args, model, ema, opt, data, amp, step, save):
     """Train until --steps or --max-minutes; `save(step)` checkpoints periodically, at the end and on Ctrl-C."""
-    n_params = sum(p.numel() for p in model.parameters())
+
+    def batch_loss():  # a random batch through the model: the lines of this loop that the later phases change
+        x1, y = data.random_batch(args.batch_size)
+        with amp:  # forward pass in bf16 where it is fast (see common.autocast); the loss in fp32
+            return get_conditional_loss(model, x1, y, LABEL_DROPOUT, T_MEAN)
+
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    n_params = sum(p.numel() for p in params)
     print(f"training {n_params / 1e6:.2f}M parameters from step {step} to {args.steps}", flush=True)
-    t_start, start_step, smooth_loss, saved = time.time(), step, None, step or None  # saved: the step on disk
+    flops = step_flops(batch_loss) if params[0].is_cuda else 0  # per step, for the MFU (see common.gpu_mfu)
+    t_start, start_step, smooth_loss, saved = time.time(), step, None, step  # saved: the step on disk
+    t_line, step_line = t_start, step
     minutes = lambda: (time.time() - t_start) / 60  # noqa: E731
     while step < args.steps and not (args.max_minutes and minutes() >= args.max_minutes):
         try:
@@ -352,38 +364,45 @@ def train(args, model, ema, opt, data, amp, step, save):
             progress = max(step / args.steps, minutes() / args.max_minutes if args.max_minutes else 0)
             for group in opt.param_groups:  # linear warmup, constant, linear cooldown to 0 over the last COOLDOWN
                 group["lr"] = args.lr * min(1.0, (step + 1) / WARMUP_STEPS, max(1.0 - progress, 0.0) / COOLDOWN)
-            x1, y = data.random_batch(args.batch_size)
-            with amp:  # forward pass in bf16 where it is fast (see common.autocast); the loss in fp32
-                loss = get_conditional_loss(model, x1, y, LABEL_DROPOUT, T_MEAN)
+            loss = batch_loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # one bad batch cannot wreck the weights
+            torch.nn.utils.clip_grad_norm_(params, 1.0)  # one bad batch cannot wreck the weights
             opt.step()
-            # EMA of the weights: a running average that samples better than the noisy latest weights.
-            # The decay ramps up from 0 so that early EMA weights are not stuck near the random init.
-            decay = min(EMA_DECAY, (1 + step) / (10 + step))
+            # EMA of the weights: a running average that samples better than the noisy latest weights, in one call
+            # for all of them. The decay ramps up from 0 so that early EMA weights are not stuck near the init.
             with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - decay)
+                torch._foreach_lerp_(ema_params, params, 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
             step += 1
-            smooth_loss = loss.item() if smooth_loss is None else 0.98 * smooth_loss + 0.02 * loss.item()
+            # The smoothed loss stays on the device: reading it (.item()) makes the CPU wait for the GPU to finish,
+            # so it is read only to print it, and to check it is a number before a save.
+            smooth_loss = loss.detach() if smooth_loss is None else smooth_loss.lerp(loss.detach(), 0.02)
             if step % 25 == 0 or step == args.steps:  # one updating line in a terminal, a line each in a log file
-                rate = (step - start_step) / (60 * minutes())
-                eta = (args.steps - step) / rate
-                line = f"step {step}/{args.steps} | loss {smooth_loss:.4f} | {rate:.1f} it/s | ETA {eta / 60:.1f} min"
+                rate = (step - step_line) / (time.time() - t_line)
+                t_line, step_line = time.time(), step
+                mfu = gpu_mfu(flops * rate)  # None off CUDA
+                line = (f"step {step}/{args.steps} | loss {finite(smooth_loss, step):.4f} | {rate:.1f} it/s, "
+                        f"{rate * args.batch_size:.0f} images/s" + (f" | MFU {mfu:.1%}" if mfu else "")
+                        + f" | ETA {(args.steps - step) / rate / 60:.1f} min")
                 print(line, end="\r" if sys.stdout.isatty() else "\n", flush=True)
             if step % CKPT_EVERY == 0:
+                finite(smooth_loss, step)  # a diverged model never reaches the disk
                 save(step)
                 saved = step
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C, or a kill (SIGTERM, see main)
             print("\ninterrupted: saving a checkpoint", flush=True)
             break
     print(flush=True)
+    if step == 0:
+        fail("stopped before the first training step: there is nothing to save")
     if saved != step:  # the end, or Ctrl-C: unless the periodic save just wrote this very step
+        finite(smooth_loss, step)
         save(step)
     seconds = 60 * minutes()
-    return {"steps": step, "train_seconds": round(seconds, 1), "params": n_params, "final_smooth_loss": smooth_loss,
-            "train_images_per_s": round((step - start_step) * args.batch_size / max(seconds, 1e-9), 1)}
+    return {"steps": step, "train_seconds": round(seconds, 1), "params": n_params,
+            "final_smooth_loss": finite(smooth_loss, step),
+            "train_images_per_s": round((step - start_step) * args.batch_size / max(seconds, 1e-9), 1),
+            "mfu": gpu_mfu(flops * (step - start_step) / max(seconds, 1e-9))}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -437,7 +456,8 @@ def generate(args, model, device, amp):
     frames[0].save(os.path.join(args.out_dir, "trajectory.gif"), save_all=True, append_images=frames[1:], loop=0,
                    duration=[60] * (len(frames) - 1) + [1500])  # ms per frame; the finished digits stay 1.5 s
     if args.save_npz:
-        np.savez_compressed(args.save_npz, images=to_uint8(images), labels=labels.cpu().numpy())
+        arrays = {"images": to_uint8(images), "labels": labels.cpu().numpy()}
+        atomic_write(args.save_npz, lambda f: np.savez_compressed(f, **arrays))
     print(f"sampled {len(images)} images in {seconds:.1f}s ({args.sample_steps} Euler steps, CFG scale "
           f"{args.cfg_scale:g}) -> {args.out_dir}" + (f" and {args.save_npz}" if args.save_npz else ""), flush=True)
     return {"num_samples": len(images), "sample_steps": args.sample_steps, "sample_seconds": round(seconds, 1),
@@ -449,6 +469,7 @@ def generate(args, model, device, amp):
 
 def main(argv=None):
     args = get_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill (a cluster's preemption) saves like Ctrl-C
     device = get_device(args.device)
     amp = autocast(device, args.precision)
     torch.manual_seed(args.seed)
@@ -463,7 +484,8 @@ def main(argv=None):
                                             "heads": HEADS}  # a checkpoint rebuilds the model it trained
     model = build_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    # fused: one kernel updates all the weights (on CUDA and CPU; MPS uses the default loop)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
     step, progress = 0, state.get("progress", []) if state else []  # progress.png's rows: (step, 8 images)
     if state:
         restore(ckpt_path, state, {"model": model, "ema": ema, "opt": opt})
@@ -473,20 +495,26 @@ def main(argv=None):
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         print(f"found {ckpt_path} (step {step}): " + ("training it further" if training else "sampling from it"
               + (" (it has --steps already: raise --steps to train further)" if args.resume else "")), flush=True)
+        note_ignored(args, config, {"depth": DEPTH, "width": WIDTH})
+    if args.compile if args.compile is not None else COMPILE and device.type == "cuda":
+        for module in (model, ema):  # in place: the weights, and so the checkpoints, stay as they are
+            module.compile()
 
     metrics = {}
     if training:
         data = load_dataset(DATASET, args.data_root, train=True).to(device)
+        check_same_data(config, data, DATASET, ckpt_path)
         noise = torch.randn(8, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
         def save(s):  # a checkpoint, and a row of progress.png: the same 8 noises (digits 0-7), through the model now
             with amp:
                 x, _ = sample_conditional(ema, torch.arange(8, device=device), args.cfg_scale, args.sample_steps,
                                           noise)
-            progress.append((s, x.cpu()))
+            row = (s, x.cpu())
+            save_checkpoint(ckpt_path, model, ema, opt, s, config, {"progress": progress + [row]})
+            progress.append(row)  # the picture shows only what is on disk
             save_grid(torch.cat([x for _, x in progress]), os.path.join(args.out_dir, "progress.png"), nrow=8,
                       captions=[f"step {s}" for s, _ in progress])
-            save_checkpoint(ckpt_path, model, ema, opt, s, config, {"progress": progress})
         metrics = train(args, model, ema, opt, data, amp, step, save)
     metrics.update(generate(args, ema, device, amp))
     if training:  # sampling again never rewrites the training run's metrics
@@ -495,4 +523,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # outside training (loading data, sampling): nothing to save
+        fail("interrupted")

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 
@@ -34,7 +35,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
-from common import autocast, check_writable, fail, get_device, load_dataset, number
+from common import (atomic_write, autocast, check_same_data, check_writable, fail, finite, get_device, gpu_mfu,
+                    load_dataset, note_ignored, npz_file, number, step_flops)
 
 # ----------------------------------------------------------------------------------------------------------
 # Settings: everything that differs between the phases is here (the measured results: docs/RESULTS.md)
@@ -60,6 +62,7 @@ CFG_SCALE = 7.0        # classifier-free guidance scale s (1 = off)
 SWEEP_SCALES = [1, 2, 3, 5, 7]   # rows of cfg_sweep.png
 ATTENTION_TIMES = [0.2, 0.5, 0.8]   # rows of attention.png: the points on the path where it looks
 CKPT_EVERY = 500       # also save a checkpoint (and a row of progress.png) every this many steps
+COMPILE = True         # torch.compile the model on a CUDA GPU: fused kernels, several times faster (slower start)
 STEPS_ROWS = [1, 2, 4, 8, 16, 50]   # rows of steps.png: the same noise, integrated in this many Euler steps
 
 
@@ -76,18 +79,18 @@ def get_args(argv=None):
     p.add_argument("--sample-steps", type=number(int), default=SAMPLE_STEPS, help="Euler steps from noise to data")
     p.add_argument("--cfg-scale", type=number(float, 0, True), default=CFG_SCALE, help="guidance scale s (1 = off)")
     p.add_argument("--resume", action="store_true", help="train <out-dir>/ckpt.pt further, up to --steps")
-    p.add_argument("--save-npz", metavar="PATH", help="also save the samples as uint8 arrays (for evaluation)")
+    p.add_argument("--save-npz", metavar="PATH", type=npz_file, help="also save the samples as uint8 arrays")
     p.add_argument("--clip-model", help=f"Hugging Face name or folder of a CLIP (default: {CLIP_MODEL})")
     p.add_argument("--data-root", default="data", help="where CIFAR-10 is, or is downloaded to")
     p.add_argument("--out-dir", default="out/phase4", help="checkpoint, pictures and metrics go here")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="bf16 autocast or fp32")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on "
+                   "CUDA only; --no-compile for old GPUs, or Windows without triton)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.width % (4 * HEADS):
         p.error(f"--width must be a multiple of {4 * HEADS} ({HEADS} heads; the 2-D position code splits it in four)")
-    if args.save_npz and not args.save_npz.endswith(".npz"):
-        args.save_npz += ".npz"  # what numpy would do anyway: say the real name
     args.prompt = args.prompt or [TEMPLATES[0].format(name) for name in CLASSES]
     if not all(prompt.strip() for prompt in args.prompt):
         p.error('empty --prompt: say what to draw, e.g. --prompt "a photo of a dog"')
@@ -151,12 +154,15 @@ class CLIPTextEncoder:
         from transformers import CLIPTextModel, CLIPTokenizer
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()  # a full CLIP checkpoint also holds the image tower: unused here, not an error
+        hf_logging.disable_progress_bar()  # and no "Loading weights" bar on every run
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(name)
             self.model = CLIPTextModel.from_pretrained(name).to(device).eval().requires_grad_(False)
         except Exception as e:  # noqa: BLE001 - not found, offline, not a CLIP folder: all end the same way
-            fail(f"could not load CLIP {name!r} ({str(e).splitlines()[0][:120]}). Offline, pass --clip-model DIR "
-                 f"with a CLIP saved by save_pretrained (run once online to get one)")
+            why = " ".join(str(e).split())
+            why = why if len(why) < 160 else why[:160].rsplit(" ", 1)[0] + " ..."
+            fail(f"could not load CLIP {name!r} ({why}). " + ("Is it a folder written by save_pretrained?" if
+                 os.path.isdir(name) else "Offline, pass --clip-model DIR with a CLIP saved by save_pretrained"))
         self.device, self.dim = device, self.model.config.hidden_size
 
     @torch.no_grad()
@@ -383,8 +389,7 @@ def save_checkpoint(path, model, ema, opt, step, config, extra):
     state = {"phase": PHASE, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
              "step": step, "config": config, "rng": torch.get_rng_state(), **extra,
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: an interrupted save never leaves a broken ckpt.pt
+    atomic_write(path, lambda f: torch.save(state, f))  # a kill or a full disk never leaves a broken ckpt.pt
 
 
 def load_checkpoint(path, device):
@@ -394,8 +399,9 @@ def load_checkpoint(path, device):
         state["config"], state["step"]  # noqa: B018 - check the keys exist
     except Exception as e:  # noqa: BLE001
         fail(f"checkpoint {path} is unreadable ({type(e).__name__}); move it away or use another --out-dir")
-    if state.get("phase", PHASE) != PHASE:
-        fail(f"{path} was written by phase {state['phase']}, not phase {PHASE}: use another --out-dir")
+    if state.get("phase") != PHASE:
+        who = f"phase {state['phase']}" if "phase" in state else "an older version of these scripts"
+        fail(f"{path} was written by {who}, not phase {PHASE}: use another --out-dir")
     return state
 
 
@@ -430,9 +436,18 @@ class TextConditionalTrainer:
 
 def train(args, model, ema, opt, data, amp, step, save, trainer):
     """Train until --steps or --max-minutes; `save(step)` checkpoints periodically, at the end and on Ctrl-C."""
-    n_params = sum(p.numel() for p in model.parameters())
+
+    def batch_loss():  # a random batch through the model: the lines of this loop that the later phases change
+        x1, y = data.random_batch(args.batch_size, flip=True)  # mirrored photos are photos too
+        with amp:  # forward pass in bf16 where it is fast (see common.autocast); the loss in fp32
+            return trainer.loss(model, x1, y)
+
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    n_params = sum(p.numel() for p in params)
     print(f"training {n_params / 1e6:.2f}M parameters from step {step} to {args.steps}", flush=True)
-    t_start, start_step, smooth_loss, saved = time.time(), step, None, step or None  # saved: the step on disk
+    flops = step_flops(batch_loss) if params[0].is_cuda else 0  # per step, for the MFU (see common.gpu_mfu)
+    t_start, start_step, smooth_loss, saved = time.time(), step, None, step  # saved: the step on disk
+    t_line, step_line = t_start, step
     minutes = lambda: (time.time() - t_start) / 60  # noqa: E731
     while step < args.steps and not (args.max_minutes and minutes() >= args.max_minutes):
         try:
@@ -440,38 +455,45 @@ def train(args, model, ema, opt, data, amp, step, save, trainer):
             progress = max(step / args.steps, minutes() / args.max_minutes if args.max_minutes else 0)
             for group in opt.param_groups:  # linear warmup, constant, linear cooldown to 0 over the last COOLDOWN
                 group["lr"] = args.lr * min(1.0, (step + 1) / WARMUP_STEPS, max(1.0 - progress, 0.0) / COOLDOWN)
-            x1, y = data.random_batch(args.batch_size, flip=True)  # mirrored photos are photos too
-            with amp:  # forward pass in bf16 where it is fast (see common.autocast); the loss in fp32
-                loss = trainer.loss(model, x1, y)
+            loss = batch_loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # one bad batch cannot wreck the weights
+            torch.nn.utils.clip_grad_norm_(params, 1.0)  # one bad batch cannot wreck the weights
             opt.step()
-            # EMA of the weights: a running average that samples better than the noisy latest weights.
-            # The decay ramps up from 0 so that early EMA weights are not stuck near the random init.
-            decay = min(EMA_DECAY, (1 + step) / (10 + step))
+            # EMA of the weights: a running average that samples better than the noisy latest weights, in one call
+            # for all of them. The decay ramps up from 0 so that early EMA weights are not stuck near the init.
             with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - decay)
+                torch._foreach_lerp_(ema_params, params, 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
             step += 1
-            smooth_loss = loss.item() if smooth_loss is None else 0.98 * smooth_loss + 0.02 * loss.item()
+            # The smoothed loss stays on the device: reading it (.item()) makes the CPU wait for the GPU to finish,
+            # so it is read only to print it, and to check it is a number before a save.
+            smooth_loss = loss.detach() if smooth_loss is None else smooth_loss.lerp(loss.detach(), 0.02)
             if step % 25 == 0 or step == args.steps:  # one updating line in a terminal, a line each in a log file
-                rate = (step - start_step) / (60 * minutes())
-                eta = (args.steps - step) / rate
-                line = f"step {step}/{args.steps} | loss {smooth_loss:.4f} | {rate:.1f} it/s | ETA {eta / 60:.1f} min"
+                rate = (step - step_line) / (time.time() - t_line)
+                t_line, step_line = time.time(), step
+                mfu = gpu_mfu(flops * rate)  # None off CUDA
+                line = (f"step {step}/{args.steps} | loss {finite(smooth_loss, step):.4f} | {rate:.1f} it/s, "
+                        f"{rate * args.batch_size:.0f} images/s" + (f" | MFU {mfu:.1%}" if mfu else "")
+                        + f" | ETA {(args.steps - step) / rate / 60:.1f} min")
                 print(line, end="\r" if sys.stdout.isatty() else "\n", flush=True)
             if step % CKPT_EVERY == 0:
+                finite(smooth_loss, step)  # a diverged model never reaches the disk
                 save(step)
                 saved = step
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C, or a kill (SIGTERM, see main)
             print("\ninterrupted: saving a checkpoint", flush=True)
             break
     print(flush=True)
+    if step == 0:
+        fail("stopped before the first training step: there is nothing to save")
     if saved != step:  # the end, or Ctrl-C: unless the periodic save just wrote this very step
+        finite(smooth_loss, step)
         save(step)
     seconds = 60 * minutes()
-    return {"steps": step, "train_seconds": round(seconds, 1), "params": n_params, "final_smooth_loss": smooth_loss,
-            "train_images_per_s": round((step - start_step) * args.batch_size / max(seconds, 1e-9), 1)}
+    return {"steps": step, "train_seconds": round(seconds, 1), "params": n_params,
+            "final_smooth_loss": finite(smooth_loss, step),
+            "train_images_per_s": round((step - start_step) * args.batch_size / max(seconds, 1e-9), 1),
+            "mfu": gpu_mfu(flops * (step - start_step) / max(seconds, 1e-9))}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -555,7 +577,8 @@ def generate(args, model, captions, words, device, amp):
                    duration=[60] * (len(frames) - 1) + [1500])  # ms per frame; the finished pictures stay 1.5 s
     if args.save_npz:  # the class each prompt names (-1: none), so that an evaluation can check it
         named = np.array([class_of_prompt(prompt, CLASSES) for prompt in args.prompt])
-        np.savez_compressed(args.save_npz, images=to_uint8(images), labels=named[labels.cpu().numpy()])
+        arrays = {"images": to_uint8(images), "labels": named[labels.cpu().numpy()]}
+        atomic_write(args.save_npz, lambda f: np.savez_compressed(f, **arrays))
     print(f"sampled {len(images)} images in {seconds:.1f}s ({args.sample_steps} Euler steps, CFG scale "
           f"{args.cfg_scale:g}) -> {args.out_dir}" + (f" and {args.save_npz}" if args.save_npz else ""), flush=True)
     return {"num_samples": len(images), "sample_steps": args.sample_steps, "sample_seconds": round(seconds, 1),
@@ -567,6 +590,7 @@ def generate(args, model, captions, words, device, amp):
 
 def main(argv=None):
     args = get_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill (a cluster's preemption) saves like Ctrl-C
     device = get_device(args.device)
     amp = autocast(device, args.precision)
     torch.manual_seed(args.seed)
@@ -588,7 +612,8 @@ def main(argv=None):
         fail(f"{clip_name!r} gives {encoder.dim}-wide token vectors; this model was trained on {config['text_dim']}")
     model = build_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    # fused: one kernel updates all the weights (on CUDA and CPU; MPS uses the default loop)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
     step, progress = 0, state.get("progress", []) if state else []  # progress.png's rows: (step, 8 images)
     if state:
         restore(ckpt_path, state, {"model": model, "ema": ema, "opt": opt})
@@ -598,21 +623,28 @@ def main(argv=None):
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         print(f"found {ckpt_path} (step {step}): " + ("training it further" if training else "sampling from it"
               + (" (it has --steps already: raise --steps to train further)" if args.resume else "")), flush=True)
+        note_ignored(args, config, {"depth": DEPTH, "width": WIDTH})
+    if args.compile if args.compile is not None else COMPILE and device.type == "cuda":
+        for module in (model, ema):  # in place: the weights, and so the checkpoints, stay as they are
+            module.compile()
 
     metrics = {}
     if training:
         data = load_dataset(DATASET, args.data_root, train=True).to(device)
+        check_same_data(config, data, DATASET, ckpt_path)
         trainer = TextConditionalTrainer(encoder, data.classes)
         noise = torch.randn(8, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
         def save(s):  # a checkpoint, and a row of progress.png: the same 8 noises ("a photo of a" the first 8 classes)
+            first8 = torch.arange(8, device=device) % len(data.classes)  # (a folder may have fewer)
             with amp:
-                x, _ = sample_conditional(ema, torch.arange(8, device=device) * len(TEMPLATES), args.cfg_scale,
-                                          args.sample_steps, noise, (trainer.text, trainer.mask))
-            progress.append((s, x.cpu()))
+                x, _ = sample_conditional(ema, first8 * len(TEMPLATES), args.cfg_scale, args.sample_steps, noise,
+                                          (trainer.text, trainer.mask))
+            row = (s, x.cpu())
+            save_checkpoint(ckpt_path, model, ema, opt, s, config, {"progress": progress + [row]})
+            progress.append(row)  # the picture shows only what is on disk
             save_grid(torch.cat([x for _, x in progress]), os.path.join(args.out_dir, "progress.png"), nrow=8,
                       captions=[f"step {s}" for s, _ in progress])
-            save_checkpoint(ckpt_path, model, ema, opt, s, config, {"progress": progress})
         metrics = train(args, model, ema, opt, data, amp, step, save, trainer)
     metrics.update(generate(args, ema, captions, [encoder.words(p) for p in args.prompt], device, amp))
     if training:  # sampling again never rewrites the training run's metrics
@@ -621,4 +653,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # outside training (loading data, sampling): nothing to save
+        fail("interrupted")

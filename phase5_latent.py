@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 
@@ -38,7 +39,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
-from common import ImageData, autocast, check_writable, fail, get_device, load_dataset, number
+from common import (ImageData, atomic_write, autocast, check_same_data, check_writable, fail, finite, get_device,
+                    gpu_mfu, load_dataset, note_ignored, npz_file, number, step_flops)
 
 # ----------------------------------------------------------------------------------------------------------
 # Settings: everything that differs between the phases is here (the measured results: docs/RESULTS.md)
@@ -70,6 +72,7 @@ CFG_SCALE = 7.0        # classifier-free guidance scale s (1 = off)
 SWEEP_SCALES = [1, 2, 3, 5, 7]   # rows of cfg_sweep.png
 ATTENTION_TIMES = [0.2, 0.5, 0.8]   # rows of attention.png: the points on the path where it looks
 CKPT_EVERY = 500       # also save a checkpoint (and a row of progress.png) every this many steps
+COMPILE = True         # torch.compile the model on a CUDA GPU: fused kernels, several times faster (slower start)
 SHARD = slice(None)    # the part of each batch this process trains on: all of it, unless torchrun starts several
 STEPS_ROWS = [1, 2, 4, 8, 16, 50]   # rows of steps.png: the same noise, integrated in this many Euler steps
 
@@ -89,18 +92,18 @@ def get_args(argv=None):
     p.add_argument("--sample-steps", type=number(int), default=SAMPLE_STEPS, help="Euler steps from noise to data")
     p.add_argument("--cfg-scale", type=number(float, 0, True), default=CFG_SCALE, help="guidance scale s (1 = off)")
     p.add_argument("--resume", action="store_true", help="train <out-dir>/ckpt.pt further, up to --steps")
-    p.add_argument("--save-npz", metavar="PATH", help="also save the samples as uint8 arrays (for evaluation)")
+    p.add_argument("--save-npz", metavar="PATH", type=npz_file, help="also save the samples as uint8 arrays")
     p.add_argument("--clip-model", help=f"Hugging Face name or folder of a CLIP (default: {CLIP_MODEL})")
     p.add_argument("--data-root", default="data", help="where Flowers-102 is, or is downloaded to")
     p.add_argument("--out-dir", default="out/phase5", help="checkpoint, pictures and metrics go here")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="bf16 autocast or fp32")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on "
+                   "CUDA only; --no-compile for old GPUs, or Windows without triton)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.width % (4 * HEADS):
         p.error(f"--width must be a multiple of {4 * HEADS} ({HEADS} heads; the 2-D position code splits it in four)")
-    if args.save_npz and not args.save_npz.endswith(".npz"):
-        args.save_npz += ".npz"  # what numpy would do anyway: say the real name
     if not all(prompt.strip() for prompt in args.prompt or ["ok"]):
         p.error('empty --prompt: say what to draw, e.g. --prompt "a photo of a dog"')
     return args
@@ -258,12 +261,15 @@ class CLIPTextEncoder:
         from transformers import CLIPTextModel, CLIPTokenizer
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()  # a full CLIP checkpoint also holds the image tower: unused here, not an error
+        hf_logging.disable_progress_bar()  # and no "Loading weights" bar on every run
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(name)
             self.model = CLIPTextModel.from_pretrained(name).to(device).eval().requires_grad_(False)
         except Exception as e:  # noqa: BLE001 - not found, offline, not a CLIP folder: all end the same way
-            fail(f"could not load CLIP {name!r} ({str(e).splitlines()[0][:120]}). Offline, pass --clip-model DIR "
-                 f"with a CLIP saved by save_pretrained (run once online to get one)")
+            why = " ".join(str(e).split())
+            why = why if len(why) < 160 else why[:160].rsplit(" ", 1)[0] + " ..."
+            fail(f"could not load CLIP {name!r} ({why}). " + ("Is it a folder written by save_pretrained?" if
+                 os.path.isdir(name) else "Offline, pass --clip-model DIR with a CLIP saved by save_pretrained"))
         self.device, self.dim = device, self.model.config.hidden_size
 
     @torch.no_grad()
@@ -491,8 +497,7 @@ def save_checkpoint(path, model, ema, opt, step, config, extra):
     state = {"phase": PHASE, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
              "step": step, "config": config, "rng": torch.get_rng_state(), **extra,
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: an interrupted save never leaves a broken ckpt.pt
+    atomic_write(path, lambda f: torch.save(state, f))  # a kill or a full disk never leaves a broken ckpt.pt
 
 
 def load_checkpoint(path, device):
@@ -502,8 +507,9 @@ def load_checkpoint(path, device):
         state["config"], state["step"]  # noqa: B018 - check the keys exist
     except Exception as e:  # noqa: BLE001
         fail(f"checkpoint {path} is unreadable ({type(e).__name__}); move it away or use another --out-dir")
-    if state.get("phase", PHASE) != PHASE:
-        fail(f"{path} was written by phase {state['phase']}, not phase {PHASE}: use another --out-dir")
+    if state.get("phase") != PHASE:
+        who = f"phase {state['phase']}" if "phase" in state else "an older version of these scripts"
+        fail(f"{path} was written by {who}, not phase {PHASE}: use another --out-dir")
     return state
 
 
@@ -538,9 +544,18 @@ class TextConditionalTrainer:
 
 def train(args, model, ema, opt, data, amp, step, save, trainer):
     """Train until --steps or --max-minutes; `save(step)` checkpoints periodically, at the end and on Ctrl-C."""
-    n_params = sum(p.numel() for p in model.parameters())
+
+    def batch_loss():  # a random batch through the model: the lines of this loop that the later phases change
+        x1, y = data.random_batch(args.batch_size, flip=True)  # mirrored photos are photos too
+        with amp:  # forward pass in bf16 where it is fast (see common.autocast); the loss in fp32
+            return trainer.loss(model, x1, y)
+
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    n_params = sum(p.numel() for p in params)
     print(f"training {n_params / 1e6:.2f}M parameters from step {step} to {args.steps}", flush=True)
-    t_start, start_step, smooth_loss, saved = time.time(), step, None, step or None  # saved: the step on disk
+    flops = step_flops(batch_loss) if params[0].is_cuda else 0  # per step, for the MFU (see common.gpu_mfu)
+    t_start, start_step, smooth_loss, saved = time.time(), step, None, step  # saved: the step on disk
+    t_line, step_line = t_start, step
     minutes = lambda: (time.time() - t_start) / 60  # noqa: E731
     while step < args.steps and not (args.max_minutes and minutes() >= args.max_minutes):
         try:
@@ -548,38 +563,45 @@ def train(args, model, ema, opt, data, amp, step, save, trainer):
             progress = max(step / args.steps, minutes() / args.max_minutes if args.max_minutes else 0)
             for group in opt.param_groups:  # linear warmup, constant, linear cooldown to 0 over the last COOLDOWN
                 group["lr"] = args.lr * min(1.0, (step + 1) / WARMUP_STEPS, max(1.0 - progress, 0.0) / COOLDOWN)
-            x1, y = data.random_batch(args.batch_size, flip=True)  # mirrored photos are photos too
-            with amp:  # forward pass in bf16 where it is fast (see common.autocast); the loss in fp32
-                loss = trainer.loss(model, x1, y)
+            loss = batch_loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # one bad batch cannot wreck the weights
+            torch.nn.utils.clip_grad_norm_(params, 1.0)  # one bad batch cannot wreck the weights
             opt.step()
-            # EMA of the weights: a running average that samples better than the noisy latest weights.
-            # The decay ramps up from 0 so that early EMA weights are not stuck near the random init.
-            decay = min(EMA_DECAY, (1 + step) / (10 + step))
+            # EMA of the weights: a running average that samples better than the noisy latest weights, in one call
+            # for all of them. The decay ramps up from 0 so that early EMA weights are not stuck near the init.
             with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - decay)
+                torch._foreach_lerp_(ema_params, params, 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
             step += 1
-            smooth_loss = loss.item() if smooth_loss is None else 0.98 * smooth_loss + 0.02 * loss.item()
+            # The smoothed loss stays on the device: reading it (.item()) makes the CPU wait for the GPU to finish,
+            # so it is read only to print it, and to check it is a number before a save.
+            smooth_loss = loss.detach() if smooth_loss is None else smooth_loss.lerp(loss.detach(), 0.02)
             if step % 25 == 0 or step == args.steps:  # one updating line in a terminal, a line each in a log file
-                rate = (step - start_step) / (60 * minutes())
-                eta = (args.steps - step) / rate
-                line = f"step {step}/{args.steps} | loss {smooth_loss:.4f} | {rate:.1f} it/s | ETA {eta / 60:.1f} min"
+                rate = (step - step_line) / (time.time() - t_line)
+                t_line, step_line = time.time(), step
+                mfu = gpu_mfu(flops * rate)  # None off CUDA
+                line = (f"step {step}/{args.steps} | loss {finite(smooth_loss, step):.4f} | {rate:.1f} it/s, "
+                        f"{rate * args.batch_size:.0f} images/s" + (f" | MFU {mfu:.1%}" if mfu else "")
+                        + f" | ETA {(args.steps - step) / rate / 60:.1f} min")
                 print(line, end="\r" if sys.stdout.isatty() else "\n", flush=True)
             if step % CKPT_EVERY == 0:
+                finite(smooth_loss, step)  # a diverged model never reaches the disk
                 save(step)
                 saved = step
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C, or a kill (SIGTERM, see main)
             print("\ninterrupted: saving a checkpoint", flush=True)
             break
     print(flush=True)
+    if step == 0:
+        fail("stopped before the first training step: there is nothing to save")
     if saved != step:  # the end, or Ctrl-C: unless the periodic save just wrote this very step
+        finite(smooth_loss, step)
         save(step)
     seconds = 60 * minutes()
-    return {"steps": step, "train_seconds": round(seconds, 1), "params": n_params, "final_smooth_loss": smooth_loss,
-            "train_images_per_s": round((step - start_step) * args.batch_size / max(seconds, 1e-9), 1)}
+    return {"steps": step, "train_seconds": round(seconds, 1), "params": n_params,
+            "final_smooth_loss": finite(smooth_loss, step),
+            "train_images_per_s": round((step - start_step) * args.batch_size / max(seconds, 1e-9), 1),
+            "mfu": gpu_mfu(flops * (step - start_step) / max(seconds, 1e-9))}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -686,7 +708,8 @@ def generate(args, model, captions, words, vae, config, device, amp):
                    duration=[60] * (len(frames) - 1) + [1500])  # ms per frame; the finished pictures stay 1.5 s
     if args.save_npz:  # the class each prompt names (-1: none), so that an evaluation can check it
         named = np.array([class_of_prompt(prompt, config["classes"]) for prompt in args.prompt])
-        np.savez_compressed(args.save_npz, images=to_uint8(images), labels=named[labels.cpu().numpy()])
+        arrays = {"images": to_uint8(images), "labels": named[labels.cpu().numpy()]}
+        atomic_write(args.save_npz, lambda f: np.savez_compressed(f, **arrays))
     print(f"sampled {len(images)} images in {seconds:.1f}s ({args.sample_steps} Euler steps, CFG scale "
           f"{args.cfg_scale:g}) -> {args.out_dir}" + (f" and {args.save_npz}" if args.save_npz else ""), flush=True)
     return {"num_samples": len(images), "sample_steps": args.sample_steps, "sample_seconds": round(seconds, 1),
@@ -707,13 +730,17 @@ def split_holdout(data):
 def main(argv=None):
     global SHARD
     args = get_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill (a cluster's preemption) saves like Ctrl-C
     device = get_device(args.device)
     # Past one device: `torchrun --nproc_per_node N phase5_latent.py` starts N copies of this script. They all
     # draw the same random numbers (same seed), so they pick the same batch; each computes the loss on its share
     # (SHARD) and DDP averages the gradients: the weights stay identical in every copy, and equal to one process
     # training on the whole batch. Copy 0 writes the files and prints; the others only train.
     if "RANK" in os.environ:  # set by torchrun
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        except (ValueError, RuntimeError) as e:  # RANK set by hand, without torchrun's other variables
+            fail(f"RANK is set but this is not a torchrun launch ({str(e).splitlines()[0][:100]}): unset RANK")
         SHARD = slice(dist.get_rank(), None, dist.get_world_size())
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per copy
@@ -736,48 +763,58 @@ def main(argv=None):
         fail(f"no checkpoint at {ckpt_path} to resume: train first (without --resume), or fix --out-dir")
     training = state is None or (args.resume and state["step"] < args.steps)
 
-    # Stage 1, the VAE: trained if there is none yet (with --resume: up to --vae-steps, while no flow depends on it).
+    # Stage 1, the VAE: trained up to --vae-steps before any flow is trained on it (a stopped one goes on from where
+    # it stopped); once a flow depends on it, it stays as it is.
     vae = VAE(VAE_WIDTH).to(device)
     vae_ema = copy.deepcopy(vae).requires_grad_(False)  # encodes and decodes, like the flow's EMA samples
-    vae_opt, vae_step = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0), 0
+    vae_opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
+    vae_state = load_checkpoint(vae_path, device) if os.path.exists(vae_path) else {"step": 0, "config": {}}
     if os.path.exists(vae_path):
-        vae_state = load_checkpoint(vae_path, device)
         restore(vae_path, vae_state, {"model": vae, "ema": vae_ema, "opt": vae_opt})
-        vae_step = vae_state["step"]
-    train_vae_now = vae_step == 0 or (args.resume and state is None and vae_step < args.vae_steps)
-    if train_vae_now and state is not None:
+    vae_config, vae_step = vae_state["config"], vae_state["step"]   # config: what it trains on, and how long
+    vae_config["steps"] = args.vae_steps if args.resume or not vae_step else vae_config.get("steps", vae_step)
+    train_vae_now = state is None and vae_step < vae_config["steps"]
+    if state is not None and vae_step == 0:
         fail(f"{ckpt_path} has no trained VAE beside it ({vae_path}): use another --out-dir")
+    compile_now = args.compile if args.compile is not None else COMPILE and device.type == "cuda"
+    if compile_now:
+        for module in (vae, vae_ema):  # in place: the weights, and so the checkpoints, stay as they are
+            module.compile()
     metrics = {}
     if training or train_vae_now:  # the whole dataset as one uint8 tensor; a fixed held-out set for the PSNR
         data = load_dataset(args.data, args.data_root, image_size=IMAGE_SIZE).to(device)
+        if len(data.images) < 10:
+            fail(f"{args.data}: {len(data.images)} images; at least 10 are needed (a tenth is held out for the VAE)")
         train_data, holdout = split_holdout(data)
+        data_name = args.data if args.data == "flowers102" else os.path.abspath(args.data)
     if train_vae_now:  # the same training loop as the flow's, with the VAE's own settings
         print("stage 1: the VAE", flush=True)
-        vae_args = argparse.Namespace(**{**vars(args), "steps": args.vae_steps, "batch_size": VAE_BATCH_SIZE,
+        check_same_data(vae_config, data, data_name, vae_path)
+        vae_args = argparse.Namespace(**{**vars(args), "steps": vae_config["steps"], "batch_size": VAE_BATCH_SIZE,
                                          "lr": VAE_LR, "max_minutes": None})
-        save = lambda s: save_checkpoint(vae_path, vae, vae_ema, vae_opt, s, {}, {}) if first else None  # noqa: E731
+        save = lambda s: first and save_checkpoint(vae_path, vae, vae_ema, vae_opt, s, vae_config, {})  # noqa: E731
         metrics["vae"] = train(vae_args, wrap(vae), vae_ema, vae_opt, train_data, amp, vae_step, save, VAETrainer())
         vae_step = metrics["vae"]["steps"]
-        if vae_step < args.vae_steps:  # Ctrl-C: stop here rather than train a flow on a half-trained VAE
-            raise SystemExit(f"the VAE is saved at step {vae_step}; the same command with --resume goes on")
+        if vae_step < vae_config["steps"]:  # Ctrl-C: stop here rather than train a flow on a half-trained VAE
+            raise SystemExit(f"the VAE is saved at step {vae_step}; the same command goes on from there")
         if first:
             metrics["vae_psnr_db"] = round(psnr_db(vae_ema, holdout), 2)
             save_vae_pictures(args, vae_ema, holdout)
             print(f"VAE (step {vae_step}): held-out reconstruction PSNR {metrics['vae_psnr_db']} dB", flush=True)
 
-    # Encode once: every training image (and its mirror) becomes a latent, scaled to unit variance like the noise
-    # it is matched with (Stable Diffusion's 0.18215 is this number, for its VAE).
-    if training:
-        latents, labels = encode_dataset(vae_ema, train_data)
-        scale = state["config"]["latent_scale"] if state else float(1 / latents.std())
-        latents = LatentData(latents * scale, labels, data.classes)
-
     # Stage 2, the flow: the text-conditional DiT of phase 4, on latents.
     config = state["config"] if state else {"patch_size": PATCH_SIZE, "depth": args.depth, "width": args.width,
-                                            "heads": HEADS, "vae_step": vae_step, "latent_scale": scale,
+                                            "heads": HEADS, "vae_step": vae_step,
                                             "classes": data.classes}  # a checkpoint rebuilds the model it trained
     if config.get("vae_step", vae_step) != vae_step:
         fail(f"{ckpt_path} was trained on the latents of the VAE at step {config['vae_step']}, not {vae_step}")
+    # Encode once: every training image (and its mirror) becomes a latent, scaled to unit variance like the noise
+    # it is matched with (Stable Diffusion's 0.18215 is this number, for its VAE).
+    if training:
+        check_same_data(config, data, data_name, ckpt_path)
+        latents, labels = encode_dataset(vae_ema, train_data)
+        scale = config.setdefault("latent_scale", float(1 / latents.std()))
+        latents = LatentData(latents * scale, labels, data.classes)
     clip_name = args.clip_model or config.get("clip_model", CLIP_MODEL)  # --clip-model on the command line wins
     encoder = CLIPTextEncoder(clip_name, device)
     names = [name for name in FLOWERS if name in config["classes"]] or config["classes"][:8]
@@ -789,7 +826,8 @@ def main(argv=None):
         fail(f"{clip_name!r} gives {encoder.dim}-wide token vectors; this model was trained on {config['text_dim']}")
     model = build_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    # fused: one kernel updates all the weights (on CUDA and CPU; MPS uses the default loop)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
     step, progress = 0, state.get("progress", []) if state else []  # progress.png's rows: (step, 8 images)
     if state:
         restore(ckpt_path, state, {"model": model, "ema": ema, "opt": opt})
@@ -799,6 +837,10 @@ def main(argv=None):
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         print(f"found {ckpt_path} (step {step}): " + ("training it further" if training else "sampling from it"
               + (" (it has --steps already: raise --steps to train further)" if args.resume else "")), flush=True)
+        note_ignored(args, {**config, "vae_steps": vae_step}, {"depth": DEPTH, "width": WIDTH, "vae_steps": VAE_STEPS})
+    if compile_now:
+        for module in (model, ema):
+            module.compile()
 
     if training:
         print("stage 2: the flow, on latents", flush=True)
@@ -812,10 +854,11 @@ def main(argv=None):
             with amp:
                 x, _ = sample_conditional(ema, first8 * len(TEMPLATES), args.cfg_scale, args.sample_steps, noise,
                                           (trainer.text, trainer.mask))
-            progress.append((s, decode(vae_ema, x, config["latent_scale"]).cpu()))
+            row = (s, decode(vae_ema, x, config["latent_scale"]).cpu())
+            save_checkpoint(ckpt_path, model, ema, opt, s, config, {"progress": progress + [row]})
+            progress.append(row)  # the picture shows only what is on disk
             save_grid(torch.cat([x for _, x in progress]), os.path.join(args.out_dir, "progress.png"), nrow=8,
                       captions=[f"step {s}" for s, _ in progress])
-            save_checkpoint(ckpt_path, model, ema, opt, s, config, {"progress": progress})
         metrics.update(train(args, wrap(model), ema, opt, latents, amp, step, save, trainer))
     if dist.is_initialized():  # training is over: copy 0 alone samples
         dist.destroy_process_group()
@@ -829,4 +872,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # outside training (loading data, sampling): nothing to save
+        fail("interrupted")

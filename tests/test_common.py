@@ -129,3 +129,89 @@ def test_number_flags_are_finite_and_in_range(text, ok):
         with pytest.raises((argparse.ArgumentTypeError, ValueError)):
             parse(text)
     assert common.number(float, 0, True)("0") == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Never lose a file: atomic writes, a full disk, a cache folder that cannot be written
+
+def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    common.atomic_write(str(path), lambda f: f.write(b"good"))
+    assert path.read_bytes() == b"good" and os.listdir(tmp_path) == ["ckpt.pt"]
+
+    def full_disk(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(SystemExit, match="disk full.*previous one is kept"):
+        common.atomic_write(str(path), full_disk)
+    assert path.read_bytes() == b"good" and os.listdir(tmp_path) == ["ckpt.pt"]   # no .tmp left behind
+    with pytest.raises(SystemExit, match="nothing was written"):               # torch.save says RuntimeError
+        common.atomic_write(str(tmp_path / "new.pt"), lambda f: (_ for _ in ()).throw(RuntimeError("writer failed")))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_an_unwritable_cache_folder_is_a_warning_and_the_data_still_loads(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "mine"
+    write_image_folder(str(folder), [(40, 30)])
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    monkeypatch.setenv("FLOWMATCH_CACHE", str(blocker))   # a file, not a folder
+    data = common.load_dataset(str(folder), root=None, image_size=16)
+    assert data.images.shape == (2, 3, 16, 16)
+    assert "cannot write the cache folder" in capsys.readouterr().err
+
+
+def test_a_dangling_link_and_a_huge_image_are_skipped_like_broken_files(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "mine"
+    write_image_folder(str(folder), [(40, 30)])
+    os.symlink(tmp_path / "gone.jpg", folder / "cat" / "link.jpg")
+    Image.new("RGB", (64, 64)).save(folder / "dog" / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)   # 64x64 is more than twice that: PIL refuses it
+    data = common.load_dataset(str(folder), root=None, image_size=16)
+    assert len(data.images) == 2
+    err = capsys.readouterr().err
+    assert "link.jpg" in err and "huge.png" in err
+
+
+def test_save_npz_names_a_file():
+    import argparse
+    assert common.npz_file("out/s") == "out/s.npz" and common.npz_file("s.npz") == "s.npz"
+    for folder in ("out/", "."):
+        with pytest.raises(argparse.ArgumentTypeError, match="is a folder"):
+            common.npz_file(folder)
+
+
+def test_finite_stops_on_nan_and_inf():
+    assert common.finite(None, 0) is None and common.finite(torch.tensor(0.25), 3) == 0.25
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(SystemExit, match="diverged"):
+            common.finite(torch.tensor(bad), 7)
+
+
+def test_other_data_is_refused_and_an_old_config_learns_its_data():
+    data = common.ImageData(torch.zeros(5, 1, 2, 2, dtype=torch.uint8), torch.zeros(5, dtype=torch.long), ["a", "b"])
+    config = {}
+    common.check_same_data(config, data, "mine", "ckpt.pt")   # a checkpoint that did not record it: it does now
+    assert config["data"] == {"dataset": "mine", "classes": ["a", "b"], "images": 5}
+    common.check_same_data(config, data, "mine", "ckpt.pt")
+    fewer = common.ImageData(data.images[:4], data.labels[:4], data.classes)
+    for other, name in ((fewer, "mine"), (data, "yours"), (common.ImageData(data.images, data.labels, ["a"]), "mine")):
+        with pytest.raises(SystemExit, match="was trained on mine"):
+            common.check_same_data(config, other, name, "ckpt.pt")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measuring the step
+
+def test_step_flops_counts_forward_and_backward_and_draws_no_random_numbers():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4, bias=False)
+    x = torch.randn(16, 8)
+    torch.manual_seed(1)
+    flops = common.step_flops(lambda: (layer(x + torch.randn_like(x)) ** 2).mean())
+    # forward: a (16x8) @ (8x4) matmul, 2*16*8*4 FLOPs; backward: the weight's gradient, the same again
+    assert flops == 2 * (2 * 16 * 8 * 4)
+    after = torch.rand(1)
+    torch.manual_seed(1)
+    assert torch.equal(after, torch.rand(1))   # the random numbers the step drew were put back
+    assert common.gpu_mfu(flops * 100.0) is None or torch.cuda.is_available()   # no MFU off CUDA

@@ -124,3 +124,30 @@ def test_cli_trains_the_classifier_once_then_reuses_it(tmp_path, mnist_root):
     blocker = tmp_path / "file"                            # a --json path that cannot be written: one line
     blocker.write_text("")
     assert_clean_error(run_script("evaluate.py", npz, "--json", blocker / "s.json", env=env), "--json")
+
+
+def test_damaged_and_foreign_files_are_one_clear_error(tmp_path):
+    good = save_npz(tmp_path / "good.npz", images=np.zeros((4, 28, 28), np.uint8))
+    data = good.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[:len(data) // 2])               # a truncated download
+    np.save(tmp_path / "one.npy", np.zeros((4, 28, 28), np.uint8))         # a lone .npy, not an .npz
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "notes.npz", "w") as z:                # a zip whose "array" is text
+        z.writestr("images.npy", "hello")
+    with zipfile.ZipFile(tmp_path / "other.npz", "w") as z:                # a zip of other files
+        z.writestr("readme.txt", "hello")
+    for name in ("cut.npz", "one.npy", "notes.npz", "other.npz"):
+        with pytest.raises(SystemExit, match="cannot read"):
+            ev.main([str(tmp_path / name)])
+
+
+@pytest.mark.parametrize("labels", [np.array(["3"] * 4), np.full(4, 2.7), np.array([1, 2, np.nan, 3])])
+def test_labels_that_are_not_integers_are_refused_not_truncated(tmp_path, labels):
+    with pytest.raises(SystemExit, match="integer class"):
+        ev.main([str(save_npz(tmp_path / "s.npz", images=np.zeros((4, 28, 28), np.uint8), labels=labels))])
+
+
+def test_coverage_of_one_class_is_zero_not_minus_zero(trained):
+    net, images, labels, *_, saved = trained
+    coverage = ev.scores(*ev.classify(net, images[labels == 3][:1].expand(4, -1, -1, -1), CPU), None, saved)["coverage"]
+    assert coverage == 0 and str(round(coverage, 3)) == "0.0"

@@ -118,14 +118,18 @@ def test_cli_trains_and_writes_everything(tmp_path, mnist_root):
     assert ckpt["step"] == 6 and set(ckpt) >= {"model", "ema", "opt", "config"}
 
 
-def test_resume_reaches_the_same_state_as_one_run(tmp_path, mnist_root):
+def run(capsys, *args):
+    """Phase 1 in this process, as main(argv) (no interpreter start-up: faster than run_script); its stdout."""
+    capsys.readouterr()
+    p1.main([str(a) for a in args])
+    return capsys.readouterr().out
+
+
+def test_resume_reaches_the_same_state_as_one_run(tmp_path, mnist_root, capsys):
     common = ["--data-root", mnist_root, *FAST[2:]]
-    assert run_script("phase1_flow.py", "--out-dir", tmp_path / "a", "--steps", 6, *common).returncode == 0
-    r = run_script("phase1_flow.py", "--out-dir", tmp_path / "b", "--steps", 3, *common)
-    assert r.returncode == 0, r.stderr
-    r = run_script("phase1_flow.py", "--out-dir", tmp_path / "b", "--steps", 6, "--resume", *common)
-    assert r.returncode == 0, r.stderr
-    assert "step 3" in r.stdout
+    run(capsys, "--out-dir", tmp_path / "a", "--steps", 6, *common)
+    run(capsys, "--out-dir", tmp_path / "b", "--steps", 3, *common)
+    assert "step 3" in run(capsys, "--out-dir", tmp_path / "b", "--steps", 6, "--resume", *common)
     a, b = load_ckpt(tmp_path / "a" / "ckpt.pt"), load_ckpt(tmp_path / "b" / "ckpt.pt")
     assert b["step"] == 6
     for k in a["model"]:
@@ -133,47 +137,42 @@ def test_resume_reaches_the_same_state_as_one_run(tmp_path, mnist_root):
         assert torch.equal(a["ema"][k], b["ema"][k]), k
 
 
-def test_guide_is_the_ema_at_guide_at_and_survives_resume(tmp_path, mnist_root):
+def test_guide_is_the_ema_at_guide_at_and_survives_resume(tmp_path, mnist_root, capsys):
     out = tmp_path / "run"
     common = ["--data-root", mnist_root, "--out-dir", out, *FAST[2:]]
-    r = run_script("phase1_flow.py", "--steps", 10, *common)
-    assert r.returncode == 0, r.stderr
-    assert f"autoguidance {p1.GUIDANCE:g} from step 3" in r.stdout  # the step after 20% of 10 steps
+    stdout = run(capsys, "--steps", 10, *common)
+    assert f"autoguidance {p1.GUIDANCE:g} from step 3" in stdout  # the step after 20% of 10 steps
     first = load_ckpt(out / "ckpt.pt")
     assert first["guide_step"] == 3
     assert any(not torch.equal(first["guide"][k], first["ema"][k]) for k in first["ema"])  # an earlier model
-    r = run_script("phase1_flow.py", "--steps", 14, "--resume", *common)
-    assert r.returncode == 0, r.stderr
+    run(capsys, "--steps", 14, "--resume", *common)
     second = load_ckpt(out / "ckpt.pt")
     assert second["step"] == 14 and second["guide_step"] == 3
     for k in first["guide"]:
         assert torch.equal(first["guide"][k], second["guide"][k]), k
 
 
-def test_guidance_changes_the_samples_and_old_checkpoints_sample_without_it(tmp_path, mnist_root):
+def test_guidance_changes_the_samples_and_old_checkpoints_sample_without_it(tmp_path, mnist_root, capsys):
     out = tmp_path / "run"
-    assert run_script("phase1_flow.py", "--data-root", mnist_root, "--out-dir", out, *FAST).returncode == 0
+    run(capsys, "--data-root", mnist_root, "--out-dir", out, *FAST)
     sample = ["--out-dir", out, "--num-samples", 6, "--device", "cpu"]
     for name, extra in (("plain", ["--guidance", 1]), ("guided", [])):
-        assert run_script("phase1_flow.py", *sample, *extra, "--save-npz", tmp_path / f"{name}.npz").returncode == 0
+        run(capsys, *sample, *extra, "--save-npz", tmp_path / f"{name}.npz")
     plain, guided = (np.load(tmp_path / f"{n}.npz")["images"] for n in ("plain", "guided"))
     assert not np.array_equal(plain, guided)
     # a checkpoint without a guide (e.g. from before autoguidance) samples as --guidance 1, and says so
     state = load_ckpt(out / "ckpt.pt")
     state["guide"], state["guide_step"] = None, None
     torch.save(state, out / "ckpt.pt")
-    r = run_script("phase1_flow.py", *sample, "--save-npz", tmp_path / "old.npz")
-    assert r.returncode == 0 and "no guidance" in r.stdout, r.stderr
+    assert "no guidance" in run(capsys, *sample, "--save-npz", tmp_path / "old.npz")
     assert np.array_equal(np.load(tmp_path / "old.npz")["images"], plain)
 
 
-def test_sample_only_is_reproducible_with_seed(tmp_path, mnist_root):
+def test_sample_only_is_reproducible_with_seed(tmp_path, mnist_root, capsys):
     out = tmp_path / "run"
-    assert run_script("phase1_flow.py", "--data-root", mnist_root, "--out-dir", out, *FAST).returncode == 0
+    run(capsys, "--data-root", mnist_root, "--out-dir", out, *FAST)
     for name in ("x.npz", "y.npz"):
-        r = run_script("phase1_flow.py", "--out-dir", out, "--num-samples", 6, "--seed", 5,
-                       "--save-npz", tmp_path / name, "--device", "cpu")
-        assert r.returncode == 0, r.stderr
+        run(capsys, "--out-dir", out, "--num-samples", 6, "--seed", 5, "--save-npz", tmp_path / name, "--device", "cpu")
     assert np.array_equal(np.load(tmp_path / "x.npz")["images"], np.load(tmp_path / "y.npz")["images"])
 
 
@@ -209,15 +208,14 @@ def test_a_crafted_checkpoint_runs_no_code(tmp_path):
     assert not (ROOT_DIR / "pwned.txt").exists() and not (tmp_path / "pwned.txt").exists()
 
 
-def test_a_rerun_samples_and_never_replaces_the_trained_checkpoint(tmp_path, mnist_root):
+def test_a_rerun_samples_and_never_replaces_the_trained_checkpoint(tmp_path, mnist_root, capsys):
     out = tmp_path / "run"
-    assert run_script("phase1_flow.py", "--data-root", mnist_root, "--out-dir", out, *FAST).returncode == 0
+    run(capsys, "--data-root", mnist_root, "--out-dir", out, *FAST)
     before = (out / "ckpt.pt").read_bytes()
     metrics = (out / "metrics.json").read_text()
     for extra in ([], ["--steps", 2], ["--resume", "--steps", 3]):  # plain rerun; fewer steps; resume below it
-        r = run_script("phase1_flow.py", "--data-root", mnist_root, "--out-dir", out, *FAST, *extra)
-        assert r.returncode == 0, r.stderr
-        assert "sampling from it" in r.stdout and "training" not in r.stdout
+        stdout = run(capsys, "--data-root", mnist_root, "--out-dir", out, *FAST, *extra)
+        assert "sampling from it" in stdout and "training" not in stdout
     assert (out / "ckpt.pt").read_bytes() == before and (out / "metrics.json").read_text() == metrics
 
 
@@ -227,7 +225,7 @@ def test_another_phases_checkpoint_is_refused(tmp_path):
     # an older checkpoint without the phase, of another model: a clean error too
     torch.save({"config": {"width": 16}, "step": 5, "model": {"w": torch.zeros(1)}, "ema": {}, "opt": {}},
                tmp_path / "ckpt.pt")
-    assert_clean_error(run_script("phase1_flow.py", "--out-dir", tmp_path), "does not fit")
+    assert_clean_error(run_script("phase1_flow.py", "--out-dir", tmp_path), "older version")
 
 
 def test_unwritable_out_dir_fails_before_any_work(tmp_path, mnist_root):
@@ -275,3 +273,126 @@ def test_progress_rows_are_kept_across_resume_and_drawing_them_leaves_training_a
     assert [s for s, _ in load_ckpt(tmp_path / "b" / "ckpt.pt")["progress"]] == [1, 2, 3, 4, 5, 6]
     with Image.open(tmp_path / "b" / "progress.png") as picture:
         assert picture.height == 6 * 29 + 1                                  # all 6 rows are in the picture
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Never lose a trained model: NaN, a full disk, a kill, other data, a run stopped before its first step
+
+def test_a_diverged_run_stops_with_one_line_and_keeps_the_good_checkpoint(tmp_path, mnist_root):
+    args = ["--data-root", mnist_root, "--out-dir", str(tmp_path), *map(str, FAST[2:])]
+    p1.main(["--steps", "3", *args])
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match="diverged"):
+        p1.main(["--steps", "6", "--resume", "--lr", "1e30", *args])     # the loss becomes inf, then NaN
+    assert (tmp_path / "ckpt.pt").read_bytes() == before and sorted(os.listdir(tmp_path)) == sorted(
+        ["ckpt.pt", "progress.png", "samples.png", "trajectory.png", "trajectory.gif", "steps.png", "metrics.json"])
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_progress_shows_only_what_is_saved(tmp_path, mnist_root,
+                                                                                    monkeypatch):
+    args = ["--data-root", mnist_root, "--out-dir", str(tmp_path), *map(str, FAST[2:])]
+    p1.main(["--steps", "3", *args])
+    before = (tmp_path / "ckpt.pt").read_bytes()
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match="is the disk full.*previous one is kept"):
+        p1.main(["--steps", "6", "--resume", *args])
+    assert (tmp_path / "ckpt.pt").read_bytes() == before and not [f for f in os.listdir(tmp_path) if "tmp" in f]
+    with Image.open(tmp_path / "progress.png") as picture:
+        assert picture.height == 1 * 29 + 1                           # the unsaved step-6 row is not drawn
+
+
+def test_a_run_stopped_before_its_first_step_writes_no_checkpoint(tmp_path, mnist_root, monkeypatch):
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(p1, "flow_matching_loss", ctrl_c)
+    with pytest.raises(SystemExit, match="before the first training step"):
+        p1.main(["--data-root", mnist_root, "--out-dir", str(tmp_path), *map(str, FAST)])
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_sigterm_saves_like_ctrl_c(tmp_path, mnist_root):
+    import signal
+    import subprocess
+    import sys
+    from conftest import OFFLINE_ENV, ROOT
+    cmd = [sys.executable, os.path.join(ROOT, "phase1_flow.py"), "--data-root", mnist_root, "--out-dir",
+           str(tmp_path), *map(str, FAST[2:]), "--steps", "100000"]
+    run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, **OFFLINE_ENV})
+    for line in run.stdout:  # wait until it trains (a line every 25 steps)
+        if line.startswith("step 25/"):
+            break
+    run.send_signal(signal.SIGTERM)                                    # what `kill` and a cluster's preemption send
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0 and "interrupted: saving" in out and "Traceback" not in err, err
+    assert load_ckpt(tmp_path / "ckpt.pt")["step"] >= 25
+
+
+def test_resume_on_other_data_is_refused(tmp_path, mnist_root):
+    from conftest import write_idx_mnist
+    args = ["--out-dir", str(tmp_path / "run"), *map(str, FAST[2:])]
+    p1.main(["--data-root", mnist_root, "--steps", "2", *args])
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    write_idx_mnist(str(tmp_path / "other"), n_train=50)             # another MNIST: 50 training images, not 64
+    with pytest.raises(SystemExit, match="was trained on mnist \\(64 images"):
+        p1.main(["--data-root", str(tmp_path / "other"), "--steps", "4", "--resume", *args])
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+
+
+def test_model_flags_a_checkpoint_overrides_are_named(tmp_path, mnist_root, capsys):
+    args = ["--data-root", mnist_root, "--out-dir", str(tmp_path), *map(str, FAST[2:])]
+    p1.main(["--steps", "2", *args])
+    capsys.readouterr()
+    p1.main([*args, "--width", "32"])                                 # the checkpoint's model is 16 wide
+    assert "--width 32 ignored" in capsys.readouterr().err
+
+
+def test_save_npz_into_a_folder_and_ctrl_c_outside_training_are_one_line(tmp_path, mnist_root):
+    r = run_script("phase1_flow.py", "--out-dir", tmp_path, "--save-npz", str(tmp_path) + "/")
+    assert_clean_error(r, "is a folder")
+    interrupt = ("import runpy, sys, common\n"
+                 "def ctrl_c(*a, **k): raise KeyboardInterrupt\n"
+                 "common.load_dataset = ctrl_c\n"
+                 f"sys.argv = ['phase1_flow.py', '--out-dir', {str(tmp_path)!r}]\n"
+                 "runpy.run_path('phase1_flow.py', run_name='__main__')\n")
+    import subprocess
+    import sys
+    from conftest import ROOT
+    r = subprocess.run([sys.executable, "-c", interrupt], cwd=ROOT, capture_output=True, text=True)
+    assert_clean_error(r, "interrupted")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fast path: torch.compile (on by default on CUDA; --compile turns it on here)
+
+def test_compiled_and_eager_give_the_same_loss_and_a_compiled_resume_reaches_one_compiled_run(tmp_path, mnist_root):
+    args = ["--data-root", mnist_root, "--compile", "--precision", "fp32", *map(str, FAST[2:]), "--num-samples", "8",
+            "--guidance", "1"]  # every sample batch 8 big, no guide: fewer graphs to compile
+    p1.main(["--out-dir", str(tmp_path / "a"), "--steps", "6", *args])
+    p1.main(["--out-dir", str(tmp_path / "b"), "--steps", "3", *args])
+    p1.main(["--out-dir", str(tmp_path / "b"), "--steps", "6", "--resume", *args])
+    a, b = load_ckpt(tmp_path / "a" / "ckpt.pt"), load_ckpt(tmp_path / "b" / "ckpt.pt")
+    model = p1.UNet(width=16)
+    assert b["step"] == 6 and list(a["model"]) == list(model.state_dict())   # the same keys as without compile
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    # The trained model, eager and compiled, on one fixed batch: the same loss and gradients, to float precision.
+    model.load_state_dict(a["model"])
+    x1, results = torch.rand(8, 1, 28, 28) * 2 - 1, []
+    for compiled in (False, True):
+        if compiled:
+            model.compile()
+        torch.manual_seed(1)
+        loss = p1.flow_matching_loss(model, x1)
+        model.zero_grad()
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (eager, eager_grads), (fast, fast_grads) = results
+    assert torch.allclose(fast, eager, rtol=1e-4)
+    for g, h in zip(eager_grads, fast_grads):
+        assert torch.allclose(g, h, rtol=1e-3, atol=1e-5)

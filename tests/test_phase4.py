@@ -228,3 +228,20 @@ def test_a_full_two_tower_clip_loads_its_text_half_exactly_and_quietly(tmp_path,
     assert text_weights.keys() == loaded.keys()
     for k in text_weights:
         assert torch.equal(text_weights[k], loaded[k]), k
+
+
+def test_a_folder_with_fewer_than_8_classes_trains_and_saves(tmp_path, tiny_clip):
+    root = write_cifar_folder(str(tmp_path / "data"))
+    for name in p4.CLASSES[5:]:                                       # only 5 of the 10 classes are there
+        shutil.rmtree(os.path.join(root, "cifar10", "train", name))
+    p4.main(["--data-root", root, "--clip-model", tiny_clip, "--out-dir", str(tmp_path / "run"), "--steps", "2",
+             "--num-samples", "1", *map(str, TINY)])
+    ckpt = load_ckpt(tmp_path / "run" / "ckpt.pt")
+    assert ckpt["step"] == 2 and len(ckpt["progress"]) == 1 and ckpt["config"]["data"]["classes"] == p4.CLASSES[:5]
+
+
+def test_a_folder_that_is_not_a_clip_says_so_without_asking_for_the_flag_it_got(tmp_path):
+    (tmp_path / "clip").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        p4.CLIPTextEncoder(str(tmp_path / "clip"), torch.device("cpu"))
+    assert "save_pretrained" in str(stop.value) and "pass --clip-model" not in str(stop.value)

@@ -190,3 +190,44 @@ def test_torchrun_needs_a_batch_it_can_share(tmp_path):
                         os.path.join(ROOT, "phase5_latent.py"), "--out-dir", str(tmp_path), *map(str, TINY)],
                        cwd=ROOT, capture_output=True, text=True, env={**os.environ, **OFFLINE_ENV}, timeout=300)
     assert r.returncode != 0 and "cannot share --batch-size 4" in r.stderr
+
+
+def test_resume_with_other_data_is_refused(tmp_path, tiny_clip):
+    out = tmp_path / "run"
+    common = ["--clip-model", tiny_clip, "--out-dir", str(out), "--vae-steps", "2", *map(str, TINY)]
+    p5.main(["--data", write_flower_folder(str(tmp_path / "a")), "--steps", "2", *common])
+    before = (out / "ckpt.pt").read_bytes()
+    other = write_flower_folder(str(tmp_path / "b"), per_class=5)     # the same 3 classes, other pictures
+    with pytest.raises(SystemExit, match="was trained on"):
+        p5.main(["--data", other, "--steps", "4", "--resume", *common])
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_a_stopped_vae_is_finished_by_the_same_command_before_any_flow(tmp_path, tiny_clip, monkeypatch):
+    folder = write_flower_folder(str(tmp_path / "flowers"), per_class=4)
+    command = ["--data", folder, "--clip-model", tiny_clip, "--out-dir", str(tmp_path), "--vae-steps", "3",
+               "--steps", "1", *map(str, TINY)]
+    loss, calls = p5.VAETrainer.loss, []
+
+    def ctrl_c_at_the_second_step(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return loss(self, *args)
+    monkeypatch.setattr(p5.VAETrainer, "loss", ctrl_c_at_the_second_step)
+    with pytest.raises(SystemExit, match="saved at step 1; the same command goes on"):
+        p5.main(command)
+    assert load_ckpt(tmp_path / "vae.pt")["step"] == 1 and not (tmp_path / "ckpt.pt").exists()
+    monkeypatch.setattr(p5.VAETrainer, "loss", loss)
+    p5.main(command)                                                  # no --resume: the VAE first, then the flow
+    assert load_ckpt(tmp_path / "vae.pt")["step"] == 3 and load_ckpt(tmp_path / "ckpt.pt")["config"]["vae_step"] == 3
+
+
+def test_too_few_images_and_rank_without_torchrun_are_one_line(tmp_path, tiny_clip, monkeypatch):
+    folder = write_flower_folder(str(tmp_path / "flowers"), per_class=3)   # 9 images
+    command = ["--data", folder, "--clip-model", tiny_clip, "--out-dir", str(tmp_path / "o"), *map(str, TINY)]
+    with pytest.raises(SystemExit, match="at least 10"):
+        p5.main(command)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit, match="not a torchrun launch"):
+        p5.main(command)
