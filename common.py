@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import math
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 
@@ -47,15 +48,22 @@ def npz_file(text):
 
 
 def check_writable(out_dir, npz=None):
-    """Create --out-dir and make sure it (and --save-npz's folder) can be written now, not after an hour of training."""
+    """Make sure --out-dir (and --save-npz's folder) can be written now, not after an hour of training. Folders made
+    for the test are removed again: a run that stops before it writes anything leaves nothing behind."""
     for folder in [out_dir] + ([os.path.dirname(os.path.abspath(npz))] if npz else []):
-        probe = os.path.join(folder, ".write-test")
+        top = os.path.abspath(folder)
+        while not os.path.exists(os.path.dirname(top)):  # the outermost folder that is not there yet
+            top = os.path.dirname(top)
         try:
+            made = not os.path.exists(top)
             os.makedirs(folder, exist_ok=True)
-            open(probe, "w").close()
-            os.remove(probe)
+            open(os.path.join(folder, ".write-test"), "w").close()
+            os.remove(os.path.join(folder, ".write-test"))
         except OSError as e:
             fail(f"cannot write to {folder!r} ({e.strerror}): choose another --out-dir / --save-npz")
+        finally:
+            if made:
+                shutil.rmtree(top, ignore_errors=True)
 
 
 def atomic_write(path, write):
@@ -63,6 +71,7 @@ def atomic_write(path, write):
     mid-write never leaves a half-written file, and the previous one stays until the new one is complete."""
     tmp = f"{path}.{os.getpid()}.tmp"  # one per process: two runs into the same folder never share it
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)

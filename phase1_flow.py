@@ -44,7 +44,7 @@ from common import (atomic_write, autocast, check_same_data, check_writable, fai
                     load_dataset, note_ignored, npz_file, number, step_flops)
 
 # ----------------------------------------------------------------------------------------------------------
-# Settings: everything that differs between the phases is here (the measured results: docs/RESULTS.md)
+# Settings: the values of the default run, measured in docs/RESULTS.md
 
 PHASE = 1
 DATASET, IMAGE_SHAPE = "mnist", [1, 28, 28]
@@ -93,7 +93,7 @@ def get_args(argv=None):
 # Model: a small U-Net that predicts the velocity v(x_t, t)
 
 class TimeEmbedding(nn.Module):
-    """t in [0, 1] -> a vector. Sinusoids with periods from 1 down to 1/1000 of the unit interval, then an MLP."""
+    """t in [0, 1] -> a vector. Sinusoids with periods from 2 down to 1/500 of the unit interval, then an MLP."""
 
     def __init__(self, dim, freq_dim=64, max_freq=1000.0):
         super().__init__()

@@ -36,7 +36,7 @@ from common import (atomic_write, autocast, check_same_data, check_writable, fai
                     load_dataset, note_ignored, npz_file, number, step_flops)
 
 # ----------------------------------------------------------------------------------------------------------
-# Settings: everything that differs between the phases is here (the measured results: docs/RESULTS.md)
+# Settings: the values of the default run, measured in docs/RESULTS.md
 
 PHASE = 2
 DATASET, IMAGE_SHAPE = "mnist", [1, 28, 28]
@@ -47,7 +47,7 @@ WARMUP_STEPS = 200     # linear warmup from 0 to LR ...
 COOLDOWN = 0.3         # ... and a linear decay to 0 over the last 30% of the run
 EMA_DECAY = 0.999      # samples come from an exponential moving average of the weights
 T_MEAN = -0.5          # training times t = sigmoid(N(T_MEAN, 1)): more of them nearer the noise end
-PATCH_SIZE = 7         # 7x7-pixel patches: 16 tokens (4x4 patches draw finer but cost 2.5x per step)
+PATCH_SIZE = 7         # 7x7-pixel patches: 16 tokens (4x4 patches, 49 tokens, draw finer and cost more)
 DEPTH, WIDTH, HEADS = 6, 128, 4   # transformer blocks, token vector size, attention heads
 SAMPLE_STEPS = 50      # Euler steps from noise to data
 GUIDANCE = 10.0        # autoguidance weight w (1 = off)
@@ -79,8 +79,9 @@ def get_args(argv=None):
                    "CUDA only; --no-compile for old GPUs, or Windows without triton)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.width % (4 * HEADS):
-        p.error(f"--width must be a multiple of {4 * HEADS} ({HEADS} heads; the 2-D position code splits it in four)")
+    if args.width % math.lcm(4, HEADS):
+        p.error(f"--width must be a multiple of {math.lcm(4, HEADS)} ({HEADS} heads; the 2-D position code splits it "
+                "in four)")
     return args
 
 
@@ -120,7 +121,7 @@ def sincos_2d(dim, grid_h, grid_w):
 
 
 class TimeEmbedding(nn.Module):
-    """t in [0, 1] -> a vector. Sinusoids with periods from 1 down to 1/1000 of the unit interval, then an MLP."""
+    """t in [0, 1] -> a vector. Sinusoids with periods from 2 down to 1/500 of the unit interval, then an MLP."""
 
     def __init__(self, dim, freq_dim=64, max_freq=1000.0):
         super().__init__()
@@ -162,7 +163,7 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        # Exact GELU: the tanh approximation (DiT's choice) is 3x slower on CPU, forward and backward.
+        # Exact GELU; DiT used its tanh approximation, which PyTorch computes more slowly on a CPU.
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))  # c -> shift, scale, gate for both halves
 

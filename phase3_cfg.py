@@ -40,7 +40,7 @@ from common import (atomic_write, autocast, check_same_data, check_writable, fai
                     load_dataset, note_ignored, npz_file, number, step_flops)
 
 # ----------------------------------------------------------------------------------------------------------
-# Settings: everything that differs between the phases is here (the measured results: docs/RESULTS.md)
+# Settings: the values of the default run, measured in docs/RESULTS.md
 
 PHASE = 3
 DATASET, IMAGE_SHAPE = "mnist", [1, 28, 28]
@@ -85,8 +85,9 @@ def get_args(argv=None):
                    "CUDA only; --no-compile for old GPUs, or Windows without triton)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.width % (4 * HEADS):
-        p.error(f"--width must be a multiple of {4 * HEADS} ({HEADS} heads; the 2-D position code splits it in four)")
+    if args.width % math.lcm(4, HEADS):
+        p.error(f"--width must be a multiple of {math.lcm(4, HEADS)} ({HEADS} heads; the 2-D position code splits it "
+                "in four)")
     args.digit = sorted(set(args.digit)) if args.digit else list(range(NUM_CLASSES))
     return args
 
@@ -127,7 +128,7 @@ def sincos_2d(dim, grid_h, grid_w):
 
 
 class TimeEmbedding(nn.Module):
-    """t in [0, 1] -> a vector. Sinusoids with periods from 1 down to 1/1000 of the unit interval, then an MLP."""
+    """t in [0, 1] -> a vector. Sinusoids with periods from 2 down to 1/500 of the unit interval, then an MLP."""
 
     def __init__(self, dim, freq_dim=64, max_freq=1000.0):
         super().__init__()
@@ -180,7 +181,7 @@ class DiTBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        # Exact GELU: the tanh approximation (DiT's choice) is 3x slower on CPU, forward and backward.
+        # Exact GELU; DiT used its tanh approximation, which PyTorch computes more slowly on a CPU.
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))  # c -> shift, scale, gate for both halves
 
@@ -307,6 +308,17 @@ def sample_conditional(model, labels, cfg_scale, steps, noise):
     return euler_sample(lambda x, t: guided_velocity(model, x, t, labels, cfg_scale), noise, steps)
 
 
+def sample_each_class(model, classes, per_class, cfg_scale, steps, gen):
+    """per_class images of each class in `classes`, class by class (a row each in the grid), and their labels. The
+    noise comes from the CPU generator gen (the same images on every device), in chunks of 500 (10,000 samples fit
+    in a laptop's memory)."""
+    labels, images = torch.tensor(classes).repeat_interleave(per_class), []
+    for chunk in labels.split(500):
+        noise = torch.randn(len(chunk), *IMAGE_SHAPE, generator=gen).to(model.pos_embed.device)
+        images.append(sample_conditional(model, chunk.to(noise.device), cfg_scale, steps, noise)[0].cpu())
+    return torch.cat(images), labels
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: one file with everything needed to resume or to sample
 
@@ -334,8 +346,7 @@ def restore(path, state, modules):
     """Load each module's saved weights (or optimizer state); a checkpoint of another model is a clean error."""
     try:
         for key, module in modules.items():
-            if state[key] is not None:  # None: not there yet (the guide, before GUIDE_AT)
-                module.load_state_dict(state[key])
+            module.load_state_dict(state[key])
     except (KeyError, ValueError, RuntimeError) as e:
         fail(f"{path} does not fit this script's model ({type(e).__name__}): use another --out-dir")
 
@@ -426,22 +437,18 @@ def save_grid(images, path, nrow, captions=()):
 
 def generate(args, model, device, amp):
     """Sample --num-samples of each digit; write samples.png, trajectory.png/.gif, steps.png, cfg_sweep.png, the npz."""
-    labels = torch.tensor(args.digit, device=device).repeat_interleave(args.num_samples)  # digit-major: rows = digits
-    gen = torch.Generator().manual_seed(args.seed)  # noise drawn on the CPU: the same images on every device
-    images, t0 = [], time.time()
-    for start in range(0, len(labels), 500):  # in chunks, so 10,000 samples fit in a laptop's memory
-        noise = torch.randn(len(labels[start:start + 500]), *IMAGE_SHAPE, generator=gen).to(device)
-        with amp:  # x stays fp32: x + dt * v promotes the bf16 velocity
-            x, _ = sample_conditional(model, labels[start:start + 500], args.cfg_scale, args.sample_steps, noise)
-        images.append(x.cpu())
-    images, seconds = torch.cat(images), time.time() - t0
+    gen, t0 = torch.Generator().manual_seed(args.seed), time.time()
+    with amp:  # x stays fp32: x + dt * v promotes the bf16 velocity
+        images, labels = sample_each_class(model, args.digit, args.num_samples, args.cfg_scale, args.sample_steps, gen)
+    seconds = time.time() - t0
     cols = min(args.num_samples, 10)  # grid: one row per digit, up to 10 samples each
     save_grid(images.view(len(args.digit), args.num_samples, *IMAGE_SHAPE)[:, :cols].flatten(0, 1),
               os.path.join(args.out_dir, "samples.png"), nrow=cols)
     # Four more pictures, from one noise per digit: how noise becomes a digit (a strip of 9 moments and an animation
     # of every step), what the same noise gives with fewer Euler steps (straight paths need few), and what the
     # guidance scale does.
-    rows, noise = labels[::args.num_samples], torch.randn(len(args.digit), *IMAGE_SHAPE, generator=gen).to(device)
+    rows = labels[::args.num_samples].to(device)
+    noise = torch.randn(len(args.digit), *IMAGE_SHAPE, generator=gen).to(device)
     with amp:
         _, traj = sample_conditional(model, rows, args.cfg_scale, args.sample_steps, noise)
         by_steps = [sample_conditional(model, rows, args.cfg_scale, n, noise)[0] for n in STEPS_ROWS]
@@ -456,7 +463,7 @@ def generate(args, model, device, amp):
     frames[0].save(os.path.join(args.out_dir, "trajectory.gif"), save_all=True, append_images=frames[1:], loop=0,
                    duration=[60] * (len(frames) - 1) + [1500])  # ms per frame; the finished digits stay 1.5 s
     if args.save_npz:
-        arrays = {"images": to_uint8(images), "labels": labels.cpu().numpy()}
+        arrays = {"images": to_uint8(images), "labels": labels.numpy()}
         atomic_write(args.save_npz, lambda f: np.savez_compressed(f, **arrays))
     print(f"sampled {len(images)} images in {seconds:.1f}s ({args.sample_steps} Euler steps, CFG scale "
           f"{args.cfg_scale:g}) -> {args.out_dir}" + (f" and {args.save_npz}" if args.save_npz else ""), flush=True)

@@ -43,7 +43,7 @@ from common import (ImageData, atomic_write, autocast, check_same_data, check_wr
                     gpu_mfu, load_dataset, note_ignored, npz_file, number, step_flops)
 
 # ----------------------------------------------------------------------------------------------------------
-# Settings: everything that differs between the phases is here (the measured results: docs/RESULTS.md)
+# Settings: the values of the default run, measured in docs/RESULTS.md
 
 PHASE = 5
 DATASET, IMAGE_SIZE = "flowers102", 64   # all 8,189 Flowers-102 photos, or --data: a folder of your own
@@ -70,7 +70,7 @@ FLOWERS = ["sunflower", "rose", "daffodil", "water lily", "purple coneflower", "
 CAPTION_DROPOUT = 0.1  # how often a training caption becomes "" (that trains the unconditional model)
 CFG_SCALE = 7.0        # classifier-free guidance scale s (1 = off)
 SWEEP_SCALES = [1, 2, 3, 5, 7]   # rows of cfg_sweep.png
-ATTENTION_TIMES = [0.2, 0.5, 0.8]   # rows of attention.png: the points on the path where it looks
+ATTENTION_TIMES = [0.2, 0.5, 0.8]   # columns of attention.png: the points on the path where it looks
 CKPT_EVERY = 500       # also save a checkpoint (and a row of progress.png) every this many steps
 COMPILE = True         # torch.compile the model on a CUDA GPU: fused kernels, several times faster (slower start)
 SHARD = slice(None)    # the part of each batch this process trains on: all of it, unless torchrun starts several
@@ -102,8 +102,9 @@ def get_args(argv=None):
                    "CUDA only; --no-compile for old GPUs, or Windows without triton)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.width % (4 * HEADS):
-        p.error(f"--width must be a multiple of {4 * HEADS} ({HEADS} heads; the 2-D position code splits it in four)")
+    if args.width % math.lcm(4, HEADS):
+        p.error(f"--width must be a multiple of {math.lcm(4, HEADS)} ({HEADS} heads; the 2-D position code splits it "
+                "in four)")
     if not all(prompt.strip() for prompt in args.prompt or ["ok"]):
         p.error('empty --prompt: say what to draw, e.g. --prompt "a photo of a dog"')
     return args
@@ -240,7 +241,7 @@ def sincos_2d(dim, grid_h, grid_w):
 
 
 class TimeEmbedding(nn.Module):
-    """t in [0, 1] -> a vector. Sinusoids with periods from 1 down to 1/1000 of the unit interval, then an MLP."""
+    """t in [0, 1] -> a vector. Sinusoids with periods from 2 down to 1/500 of the unit interval, then an MLP."""
 
     def __init__(self, dim, freq_dim=64, max_freq=1000.0):
         super().__init__()
@@ -332,19 +333,31 @@ class CrossAttention(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """LayerNorm (no learned affine) -> adaLN modulate -> attention -> gate; cross-attention to the text; the same
-    adaLN and gate around an MLP."""
+    """LayerNorm (no learned affine) -> adaLN modulate -> attention -> gate; the same around an MLP."""
 
-    def __init__(self, dim, heads, text_dim, mlp_ratio=4):
+    def __init__(self, dim, heads, mlp_ratio=4):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(dim, heads)
-        self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
-        self.cross = CrossAttention(dim, text_dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        # Exact GELU: the tanh approximation (DiT's choice) is 3x slower on CPU, forward and backward.
+        # Exact GELU; DiT used its tanh approximation, which PyTorch computes more slowly on a CPU.
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))  # c -> shift, scale, gate for both halves
+
+    def forward(self, x, c):                                    # x: (B, N, D) tokens, c: (B, D) conditioning
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=1)
+        x = x + gate1[:, None] * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + gate2[:, None] * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
+
+
+class TextConditionedDiTBlock(DiTBlock):
+    """The DiT block, reading the prompt too: self-attention, then cross-attention to the text, then the MLP."""
+
+    def __init__(self, dim, heads, text_dim):
+        super().__init__(dim, heads)
+        self.norm_cross = nn.LayerNorm(dim, eps=1e-6)
+        self.cross = CrossAttention(dim, text_dim, heads)
 
     def forward(self, x, c, text, mask):        # x: (B, N, D) tokens, c: (B, D), text: (B, L, Dt), mask: (B, L)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=1)
@@ -379,7 +392,7 @@ class TextConditionalDiT(nn.Module):
         self.patch_embed = nn.Linear(patch_dim, width)
         self.register_buffer("pos_embed", sincos_2d(width, H // patch_size, W // patch_size))  # (N, D), fixed
         self.time_embed = TimeEmbedding(width)
-        self.blocks = nn.ModuleList([DiTBlock(width, heads, text_dim) for _ in range(depth)])
+        self.blocks = nn.ModuleList([TextConditionedDiTBlock(width, heads, text_dim) for _ in range(depth)])
         self.final = FinalLayer(width, patch_dim)
         self.initialize_weights()
 
@@ -470,6 +483,17 @@ def sample_conditional(model, labels, cfg_scale, steps, noise, captions):
     return euler_sample(lambda x, t: guided_velocity(model, x, t, labels, cfg_scale, captions), noise, steps)
 
 
+def sample_text_conditional(model, captions, per_prompt, cfg_scale, steps, gen):
+    """per_prompt images of each prompt in the caption table captions = (text, mask) (its last row is the empty
+    prompt), prompt by prompt (a row each in the grid), and their prompt indices. The noise comes from the CPU
+    generator gen (the same images on every device), in chunks of 500 (10,000 samples fit in a laptop's memory)."""
+    labels, images = torch.arange(len(captions[0]) - 1).repeat_interleave(per_prompt), []
+    for chunk in labels.split(500):
+        noise = torch.randn(len(chunk), *LATENT_SHAPE, generator=gen).to(model.pos_embed.device)
+        images.append(sample_conditional(model, chunk.to(noise.device), cfg_scale, steps, noise, captions)[0].cpu())
+    return torch.cat(images), labels
+
+
 def sample_with_attention(model, labels, cfg_scale, steps, noise, captions, times):
     """sample_conditional, with every cross-attention keeping its probabilities. Returns the images, the trajectory
     and, at the Euler steps nearest to `times`, {t: (B, N, L)}: the share of each patch's attention that went to
@@ -517,8 +541,7 @@ def restore(path, state, modules):
     """Load each module's saved weights (or optimizer state); a checkpoint of another model is a clean error."""
     try:
         for key, module in modules.items():
-            if state[key] is not None:  # None: not there yet (the guide, before GUIDE_AT)
-                module.load_state_dict(state[key])
+            module.load_state_dict(state[key])
     except (KeyError, ValueError, RuntimeError) as e:
         fail(f"{path} does not fit this script's model ({type(e).__name__}): use another --out-dir")
 
@@ -671,23 +694,20 @@ def save_vae_pictures(args, vae, holdout):
 def generate(args, model, captions, words, vae, config, device, amp):
     """Sample --num-samples per prompt; write samples.png, trajectory.png/.gif, steps.png, cfg_sweep.png,
     attention.png and (optionally) the npz. `words`: each prompt's tokens, for attention.png."""
-    labels = torch.arange(len(args.prompt), device=device).repeat_interleave(args.num_samples)  # rows = prompts
-    gen = torch.Generator().manual_seed(args.seed)  # noise drawn on the CPU: the same images on every device
-    images, t0 = [], time.time()
-    for start in range(0, len(labels), 500):  # in chunks, so 10,000 samples fit in a laptop's memory
-        noise = torch.randn(len(labels[start:start + 500]), *LATENT_SHAPE, generator=gen).to(device)
-        with amp:  # x stays fp32: x + dt * v promotes the bf16 velocity
-            x, _ = sample_conditional(model, labels[start:start + 500], args.cfg_scale, args.sample_steps, noise,
-                                      captions)
-            images.append(decode(vae, x, config["latent_scale"]).cpu())   # latents -> pictures
-    images, seconds = torch.cat(images), time.time() - t0
+    gen, t0 = torch.Generator().manual_seed(args.seed), time.time()
+    with amp:  # x stays fp32: x + dt * v promotes the bf16 velocity
+        latents, labels = sample_text_conditional(model, captions, args.num_samples, args.cfg_scale,
+                                                  args.sample_steps, gen)
+        images = decode(vae, latents.to(device), config["latent_scale"]).cpu()   # latents -> pictures
+    seconds = time.time() - t0
     cols = min(args.num_samples, 10)  # grid: one row per prompt, up to 10 samples each
     save_grid(images.view(len(args.prompt), args.num_samples, *images.shape[1:])[:, :cols].flatten(0, 1),
               os.path.join(args.out_dir, "samples.png"), nrow=cols, captions=args.prompt)
     # Five more pictures, from one noise per prompt: how noise becomes a picture (a strip of 9 moments and an
     # animation of every step), what the same noise gives with fewer Euler steps (straight paths need few), what
     # the guidance scale does, and which words each patch reads (the attention of the run that drew the strip).
-    rows, noise = labels[::args.num_samples], torch.randn(len(args.prompt), *LATENT_SHAPE, generator=gen).to(device)
+    rows = labels[::args.num_samples].to(device)
+    noise = torch.randn(len(args.prompt), *LATENT_SHAPE, generator=gen).to(device)
     with amp:
         x, traj, maps = sample_with_attention(model, rows, args.cfg_scale, args.sample_steps, noise, captions,
                                               ATTENTION_TIMES)
@@ -708,7 +728,7 @@ def generate(args, model, captions, words, vae, config, device, amp):
                    duration=[60] * (len(frames) - 1) + [1500])  # ms per frame; the finished pictures stay 1.5 s
     if args.save_npz:  # the class each prompt names (-1: none), so that an evaluation can check it
         named = np.array([class_of_prompt(prompt, config["classes"]) for prompt in args.prompt])
-        arrays = {"images": to_uint8(images), "labels": named[labels.cpu().numpy()]}
+        arrays = {"images": to_uint8(images), "labels": named[labels.numpy()]}
         atomic_write(args.save_npz, lambda f: np.savez_compressed(f, **arrays))
     print(f"sampled {len(images)} images in {seconds:.1f}s ({args.sample_steps} Euler steps, CFG scale "
           f"{args.cfg_scale:g}) -> {args.out_dir}" + (f" and {args.save_npz}" if args.save_npz else ""), flush=True)
@@ -821,7 +841,11 @@ def main(argv=None):
     args.prompt = args.prompt or [TEMPLATES[0].format(name) for name in names]
     captions = encoder.encode(args.prompt + [""])  # the prompts, then "" (the null condition): CLIP runs once, and
     # a prompt it cannot read stops the run now, not after training
-    config["clip_model"] = os.path.abspath(clip_name) if os.path.isdir(clip_name) else clip_name
+    clip_name = os.path.abspath(clip_name) if os.path.isdir(clip_name) else clip_name  # found from anywhere
+    if training and os.path.basename(config.setdefault("clip_model", clip_name)) != os.path.basename(clip_name):
+        fail(f"{ckpt_path} was trained with CLIP {config['clip_model']!r}: train it further with that one (sampling "
+             f"with another is fine), or use another --out-dir")
+    config["clip_model"] = clip_name  # the same CLIP (a folder may have moved): its new place
     if config.setdefault("text_dim", encoder.dim) != encoder.dim:
         fail(f"{clip_name!r} gives {encoder.dim}-wide token vectors; this model was trained on {config['text_dim']}")
     model = build_model(config).to(device)

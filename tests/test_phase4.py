@@ -190,6 +190,7 @@ def test_missing_clip_offline_is_a_clean_error(tmp_path):
     r = run_script("phase4_clip.py", "--clip-model", tmp_path / "no_clip_here", "--out-dir", tmp_path / "o",
                    "--data-root", tmp_path / "none", *TINY)
     assert_clean_error(r, "--clip-model")
+    assert not (tmp_path / "o").exists()   # a run that stops before writing anything leaves no empty folder
 
 
 def test_clip_run_to_the_longest_prompt_equals_the_full_77_tokens(encoder):
@@ -245,3 +246,17 @@ def test_a_folder_that_is_not_a_clip_says_so_without_asking_for_the_flag_it_got(
     with pytest.raises(SystemExit) as stop:
         p4.CLIPTextEncoder(str(tmp_path / "clip"), torch.device("cpu"))
     assert "save_pretrained" in str(stop.value) and "pass --clip-model" not in str(stop.value)
+
+
+def test_resume_with_another_clip_is_refused_but_sampling_with_it_is_fine(tmp_path, tiny_clip):
+    root = write_cifar_folder(str(tmp_path / "data"))
+    args = ["--data-root", root, "--out-dir", str(tmp_path / "run"), "--num-samples", "1", *map(str, TINY)]
+    p4.main(["--clip-model", tiny_clip, "--steps", "2", *args])
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    from conftest import write_tiny_clip
+    other = write_tiny_clip(str(tmp_path / "other-clip"))              # another CLIP, as wide
+    with pytest.raises(SystemExit, match="was trained with CLIP"):
+        p4.main(["--clip-model", other, "--steps", "4", "--resume", *args])
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+    p4.main(["--clip-model", other, *args])                           # drawing with it trains nothing: allowed
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
