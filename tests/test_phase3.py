@@ -103,3 +103,11 @@ def test_cli_trains_and_writes_everything(tmp_path, mnist_root):
                    "--sample-steps", 2, "--save-npz", tmp_path / "t.npz", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert np.load(tmp_path / "t.npz")["labels"].tolist() == [7, 7]
+
+
+def test_sample_each_class_draws_the_classes_in_turn_from_the_generators_noise():
+    model = small_model()
+    images, labels = p3.sample_each_class(model, [2, 7], 3, 2.0, 2, torch.Generator().manual_seed(3))
+    assert labels.tolist() == [2, 2, 2, 7, 7, 7] and images.shape == (6, 1, 28, 28)   # a row per class in the grid
+    noise = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(images, p3.sample_conditional(model, labels, 2.0, 2, noise)[0], atol=1e-6)

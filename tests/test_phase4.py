@@ -57,6 +57,7 @@ def test_more_padding_changes_nothing():
 
 def test_fresh_text_block_is_the_identity():
     model = p4.TextConditionalDiT(depth=1, width=32, heads=2, text_dim=16)
+    assert type(model.blocks[0]) is p4.TextConditionedDiTBlock and isinstance(model.blocks[0], p4.DiTBlock)
     x, c, text = torch.randn(2, 64, 32), torch.randn(2, 32), torch.randn(2, 5, 16)
     assert torch.equal(model.blocks[0](x, c, text, torch.ones(2, 5, dtype=torch.bool)), x)
 
@@ -73,6 +74,15 @@ def test_cfg_scale_1_is_conditional_0_unconditional_and_doubled_batch_matches(en
         assert torch.equal(p4.guided_velocity(model, x, t, y, 0.0, captions), v_u)
         assert torch.allclose(p4.guided_velocity(model, x, t, y, 4.0, captions), v_u + 4 * (v_c - v_u), atol=1e-5)
         assert not torch.allclose(v_c, v_u)
+
+
+def test_sample_text_conditional_draws_each_prompt_in_turn_with_cfg(encoder):
+    model = small_model()
+    captions = encoder.encode(["a photo of a dog", "a photo of a cat", ""])   # the empty prompt last
+    images, labels = p4.sample_text_conditional(model, captions, 2, 3.0, 2, torch.Generator().manual_seed(5))
+    assert labels.tolist() == [0, 0, 1, 1] and images.shape == (4, 3, 32, 32)
+    noise = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(images, p4.sample_conditional(model, labels, 3.0, 2, noise, captions)[0], atol=1e-6)
 
 
 def test_caption_dropout_uses_the_empty_prompt(encoder, monkeypatch):
