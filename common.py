@@ -51,14 +51,14 @@ def check_writable(out_dir, npz=None):
     """Make sure --out-dir (and --save-npz's folder) can be written now, not after an hour of training. Folders made
     for the test are removed again: a run that stops before it writes anything leaves nothing behind."""
     for folder in [out_dir] + ([os.path.dirname(os.path.abspath(npz))] if npz else []):
-        top = os.path.abspath(folder)
+        probe, top = os.path.join(folder, ".write-test"), os.path.abspath(folder)
         while not os.path.exists(os.path.dirname(top)):  # the outermost folder that is not there yet
             top = os.path.dirname(top)
+        made = not os.path.exists(top)
         try:
-            made = not os.path.exists(top)
             os.makedirs(folder, exist_ok=True)
-            open(os.path.join(folder, ".write-test"), "w").close()
-            os.remove(os.path.join(folder, ".write-test"))
+            open(probe, "w").close()
+            os.remove(probe)
         except OSError as e:
             fail(f"cannot write to {folder!r} ({e.strerror}): choose another --out-dir / --save-npz")
         finally:

@@ -1,6 +1,9 @@
 import json
 import os
 import pathlib
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ import torch
 from PIL import Image
 
 import phase1_flow as p1
-from conftest import assert_clean_error, load_ckpt, run_script
+from conftest import OFFLINE_ENV, ROOT, assert_clean_error, load_ckpt, run_script, write_idx_mnist
 
 ROOT_DIR = pathlib.Path(__file__).resolve().parent.parent
 
@@ -315,10 +318,6 @@ def test_a_run_stopped_before_its_first_step_writes_no_checkpoint(tmp_path, mnis
 
 
 def test_sigterm_saves_like_ctrl_c(tmp_path, mnist_root):
-    import signal
-    import subprocess
-    import sys
-    from conftest import OFFLINE_ENV, ROOT
     cmd = [sys.executable, os.path.join(ROOT, "phase1_flow.py"), "--data-root", mnist_root, "--out-dir",
            str(tmp_path), *map(str, FAST[2:]), "--steps", "100000"]
     run = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -333,7 +332,6 @@ def test_sigterm_saves_like_ctrl_c(tmp_path, mnist_root):
 
 
 def test_resume_on_other_data_is_refused(tmp_path, mnist_root):
-    from conftest import write_idx_mnist
     args = ["--out-dir", str(tmp_path / "run"), *map(str, FAST[2:])]
     p1.main(["--data-root", mnist_root, "--steps", "2", *args])
     before = (tmp_path / "run" / "ckpt.pt").read_bytes()
@@ -359,9 +357,6 @@ def test_save_npz_into_a_folder_and_ctrl_c_outside_training_are_one_line(tmp_pat
                  "common.load_dataset = ctrl_c\n"
                  f"sys.argv = ['phase1_flow.py', '--out-dir', {str(tmp_path)!r}]\n"
                  "runpy.run_path('phase1_flow.py', run_name='__main__')\n")
-    import subprocess
-    import sys
-    from conftest import ROOT
     r = subprocess.run([sys.executable, "-c", interrupt], cwd=ROOT, capture_output=True, text=True)
     assert_clean_error(r, "interrupted")
 
