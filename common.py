@@ -157,10 +157,11 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
 
 def step_flops(batch_loss):
     """The FLOPs of one training step, forward and backward, as PyTorch counts them on one batch. The random
-    numbers that batch draws are put back, so training draws the same batches as it would have without this."""
+    numbers that batch draws are put back, so training draws the same batches as it would have without this.
+    Counted eagerly: before PyTorch 2.14, a compiled model first called under the counter was never compiled."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.random.fork_rng([torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        with FlopCounterMode(display=False) as counter:
+        with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
             batch_loss().backward()
     return counter.get_total_flops()
 

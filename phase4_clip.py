@@ -54,9 +54,19 @@ PATCH_SIZE = 4         # 4x4-pixel patches: 64 tokens
 DEPTH, WIDTH, HEADS = 6, 192, 4   # transformer blocks, token vector size, attention heads
 SAMPLE_STEPS = 25      # Euler steps from noise to data
 CLIP_MODEL = "openai/clip-vit-base-patch32"   # the frozen text encoder (its text half)
-TEMPLATES = ["a photo of a {}", "a blurry photo of a {}", "a photo of the small {}", "a close-up photo of a {}",
-             "a bright photo of a {}", "a photo of the {}", "a low resolution photo of a {}", "a good photo of a {}"]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+SYNONYMS = {"airplane": ["plane", "aeroplane", "jet", "airliner"], "automobile": ["car", "sedan", "sports car"],
+            "bird": ["sparrow", "songbird"], "cat": ["kitten", "kitty"], "deer": ["stag", "fawn"],
+            "dog": ["puppy", "pup", "hound"], "frog": ["toad", "tree frog"], "horse": ["pony", "stallion", "foal"],
+            "ship": ["boat", "vessel", "cargo ship"], "truck": ["lorry", "pickup truck", "dump truck"]}
+# How a training caption says it (each image gets one at random): {a} "a dog", "an airplane"; {n} "dog"; {s} "dogs".
+WORDINGS = ["a photo of {a}", "{n}", "{a}", "the {n}", "{s}", "a photo of the {n}", "a picture of {a}",
+            "an image of {a}", "a blurry photo of {a}", "a close-up photo of {a}", "a bright photo of {a}",
+            "a dark photo of the {n}", "a low resolution photo of {a}", "a photo of the small {n}", "a big {n}",
+            "a photo of my {n}", "a cropped photo of the {n}", "a good photo of {a}", "a snapshot of {a}",
+            "a photo of two {s}", "a photo of some {s}", "{s} in a photo", "there is {a} in this picture",
+            "this is {a}", "a colour photo of {a}", "a black and white photo of {a}", "an old photo of {a}",
+            "a pixelated photo of {a}", "{a}, outdoors", "a photo showing {a}", "the {n} in the photo"]
 CAPTION_DROPOUT = 0.1  # how often a training caption becomes "" (that trains the unconditional model)
 CFG_SCALE = 7.0        # classifier-free guidance scale s (1 = off)
 SWEEP_SCALES = [1, 2, 3, 5, 7]   # rows of cfg_sweep.png
@@ -67,7 +77,8 @@ STEPS_ROWS = [1, 2, 4, 8, 16, 50]   # rows of steps.png: the same noise, integra
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Phase 4: text-to-image flow matching on CIFAR-10 with CLIP.")
+    p = argparse.ArgumentParser(description="Phase 4: text-to-image flow matching on CIFAR-10 with CLIP.",
+                                fromfile_prefix_chars="@")  # @FILE: more arguments, one per line
     p.add_argument("--steps", type=number(int), default=STEPS, help="optimizer steps to train for")
     p.add_argument("--max-minutes", type=number(float), help="stop training after this much wall time")
     p.add_argument("--batch-size", type=number(int), default=BATCH_SIZE)
@@ -92,7 +103,7 @@ def get_args(argv=None):
     if args.width % math.lcm(4, HEADS):
         p.error(f"--width must be a multiple of {math.lcm(4, HEADS)} ({HEADS} heads; the 2-D position code splits it "
                 "in four)")
-    args.prompt = args.prompt or [TEMPLATES[0].format(name) for name in CLASSES]
+    args.prompt = args.prompt or [caption(WORDINGS[0], name) for name in CLASSES]
     if not all(prompt.strip() for prompt in args.prompt):
         p.error('empty --prompt: say what to draw, e.g. --prompt "a photo of a dog"')
     return args
@@ -146,6 +157,26 @@ class TimeEmbedding(nn.Module):
     def forward(self, t):                                                  # t: (B,)
         angles = t[:, None] * self.freqs[None] * math.pi                   # (B, freq_dim/2)
         return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=1))    # (B, dim)
+
+
+def names_of(name):
+    """A class's names: its own, then the other words people use for it (SYNONYMS)."""
+    return [name] + SYNONYMS.get(name, [])
+
+
+def plural(name):
+    """dog -> dogs, puppy -> puppies, bird of paradise -> birds of paradise, deer -> deer: enough for these names."""
+    head, of, tail = name.partition(" of ")
+    if head in ("deer", "sheep", "aircraft") or head.endswith("s") and not head.endswith(("ss", "us")):
+        return name
+    if head.endswith("y") and head[-2] not in "aeiou":
+        return head[:-1] + "ies" + of + tail
+    return head + ("es" if head.endswith(("s", "sh", "ch", "x")) else "s") + of + tail
+
+
+def caption(wording, name):
+    """A wording of WORDINGS with a class name filled in: "a photo of {a}" -> "a photo of an airplane"."""
+    return wording.format(a=("an " if name[0] in "aeiou" else "a ") + name, n=name, s=plural(name))
 
 
 class CLIPTextEncoder:
@@ -286,6 +317,11 @@ class TextConditionalDiT(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(width, H // patch_size, W // patch_size))  # (N, D), fixed
         self.time_embed = TimeEmbedding(width)
         self.blocks = nn.ModuleList([TextConditionedDiTBlock(width, heads, text_dim) for _ in range(depth)])
+        # CLIP's token vectors share one large common part and differ, word by word, in a small rest (the offline
+        # stand-in's are 98% alike). Standardising each feature with the mean and spread of the training captions'
+        # tokens (set once, in main) puts that rest at full scale for the cross-attention.
+        self.register_buffer("text_mean", torch.zeros(text_dim))
+        self.register_buffer("text_std", torch.ones(text_dim))
         self.final = FinalLayer(width, patch_dim)
         self.initialize_weights()
 
@@ -307,6 +343,7 @@ class TextConditionalDiT(nn.Module):
     def forward(self, x, t, text, mask):       # x: (B, C, H, W), t: (B,), text: (B, L, Dt), mask: (B, L)
         tokens = self.patch_embed(patchify(x, self.patch_size)) + self.pos_embed   # (B, N, D)
         c = self.time_embed(t)                                        # (B, D): "how noisy"
+        text = (text - self.text_mean) / self.text_std                # (B, L, Dt), standardised
         for block in self.blocks:
             tokens = block(tokens, c, text, mask)                     # (B, N, D)
         patches = self.final(tokens, c)                               # (B, N, p*p*C)
@@ -442,16 +479,21 @@ def restore(path, state, modules):
 # Training loop
 
 class TextConditionalTrainer:
-    """Captions for the training loop. Every caption (each class in every wording, and the empty prompt) goes
-    through CLIP once, up front, into one table on the device; a batch then only looks its rows up."""
+    """Captions for the training loop. Every caption (each class by each of its names in every wording, and the
+    empty prompt) goes through CLIP once, up front, into one table on the device; a batch only looks rows up."""
 
     def __init__(self, encoder, classes):
-        captions = [template.format(name) for name in classes for template in TEMPLATES] + [""]  # "" is last
-        self.text, self.mask = encoder.encode(captions)   # (K, L, Dt), (K, L): K captions, L tokens
+        per_class = [list(dict.fromkeys(caption(w, n) for n in names_of(c) for w in WORDINGS)) for c in classes]
+        self.captions = sum(per_class, []) + [""]                          # K captions; "" is the last row
+        self.text, self.mask = encoder.encode(self.captions)               # (K, L, Dt), (K, L)
+        real = self.text[self.mask]                                        # every real token: (tokens, Dt)
+        self.text_mean, self.text_std = real.mean(0), real.std(0) + 1e-6   # for the model's standardisation
+        count = torch.tensor([len(captions) for captions in per_class], device=self.text.device)
+        self.count, self.first = count, count.cumsum(0) - count   # class c's captions: rows first[c] ... + count[c]
 
     def loss(self, model, x1, labels):
-        """A random wording of each image's class, or (caption dropout) the empty prompt; then flow matching."""
-        ids = labels * len(TEMPLATES) + torch.randint(len(TEMPLATES), labels.shape, device=labels.device)
+        """A random caption of each image's class, or (caption dropout) the empty prompt; then flow matching."""
+        ids = self.first[labels] + (torch.rand(labels.shape, device=labels.device) * self.count[labels]).long()
         drop = torch.rand(labels.shape, device=labels.device) < CAPTION_DROPOUT
         ids = torch.where(drop, torch.full_like(ids, len(self.text) - 1), ids)
         return text_conditional_loss(model, x1, self.text[ids], self.mask[ids], T_MEAN)
@@ -557,8 +599,15 @@ def save_attention(path, images, trajectory, maps, prompts, words):
 
 
 def class_of_prompt(prompt, classes):
-    """The class a prompt names (for evaluation), or -1 if it names none or several."""
-    named = [i for i, name in enumerate(classes) if re.search(rf"\b{re.escape(name)}s?\b", prompt.lower())]
+    """The class a prompt names by any of its names ("two puppies": dog), for evaluation; -1 if none or several.
+    A name inside a longer one that the prompt holds does not count ("rose" in "desert-rose")."""
+    found = {}  # class -> the longest of its names in the prompt
+    for i, name in enumerate(classes):
+        for n in names_of(name):
+            said = re.search(rf"\b({re.escape(n)}|{re.escape(plural(n))})\b", prompt.lower())
+            if said and len(n) > len(found.get(i, "")):
+                found[i] = n
+    named = [i for i, n in found.items() if not any(n != m and n in m for m in found.values())]
     return named[0] if len(named) == 1 else -1
 
 
@@ -656,12 +705,15 @@ def main(argv=None):
         data = load_dataset(DATASET, args.data_root, train=True).to(device)
         check_same_data(config, data, DATASET, ckpt_path)
         trainer = TextConditionalTrainer(encoder, data.classes)
+        if step == 0:  # a new model learns its text standardisation from its training captions, once
+            for module in (model, ema):
+                module.text_mean.copy_(trainer.text_mean), module.text_std.copy_(trainer.text_std)
         noise = torch.randn(8, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
-        def save(s):  # a checkpoint, and a row of progress.png: the same 8 noises ("a photo of a" the first 8 classes)
+        def save(s):  # a checkpoint, and a row of progress.png: the same 8 noises, "a photo of" the first 8 classes
             first8 = torch.arange(8, device=device) % len(data.classes)  # (a folder may have fewer)
             with amp:
-                x, _ = sample_conditional(ema, first8 * len(TEMPLATES), args.cfg_scale, args.sample_steps, noise,
+                x, _ = sample_conditional(ema, trainer.first[first8], args.cfg_scale, args.sample_steps, noise,
                                           (trainer.text, trainer.mask))
             row = (s, x.cpu())
             save_checkpoint(ckpt_path, model, ema, opt, s, config, {"progress": progress + [row]})

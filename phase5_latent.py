@@ -14,7 +14,7 @@ through adaLN) that reads a prompt's CLIP token embeddings through cross-attenti
 samples with v = v_uncond + s * (v_cond - v_uncond), the empty prompt "" being the unconditional branch.
 
 Run:
-    python phase5_latent.py --prompt "a photo of a sunflower."   # trains the VAE, then the flow, then draws
+    python phase5_latent.py --prompt "a photo of a sunflower"   # trains the VAE, then the flow, then draws
     python phase5_latent.py --data path/to/my_images --out-dir out/mine   # your own pictures, a folder per class
     python phase5_latent.py --resume --steps 6000                # train the flow further
     python phase5_latent.py --clip-model path/to/clip            # a CLIP saved on disk (offline)
@@ -63,8 +63,16 @@ PATCH_SIZE = 2         # 2x2 latent pixels: 64 tokens
 DEPTH, WIDTH, HEADS = 6, 192, 4   # transformer blocks, token vector size, attention heads
 SAMPLE_STEPS = 25      # Euler steps from noise to data
 CLIP_MODEL = "openai/clip-vit-base-patch32"   # the frozen text encoder (its text half)
-TEMPLATES = ["a photo of a {}.", "a close-up photo of a {}.", "a photo of the {}.", "a blurry photo of a {}.",
-             "a bright photo of a {}."]
+SYNONYMS = {"common dandelion": ["dandelion"], "purple coneflower": ["echinacea"], "bird of paradise": ["strelitzia"],
+            "sunflower": ["helianthus"], "water lily": ["nymphaea"]}   # for your own --data: add its names here
+# How a training caption says it (each image gets one at random): {a} "a dog", "an airplane"; {n} "dog"; {s} "dogs".
+WORDINGS = ["a photo of {a}", "{n}", "{a}", "the {n}", "{s}", "a photo of the {n}", "a picture of {a}",
+            "an image of {a}", "a blurry photo of {a}", "a close-up photo of {a}", "a bright photo of {a}",
+            "a dark photo of the {n}", "a low resolution photo of {a}", "a photo of the small {n}", "a big {n}",
+            "a photo of my {n}", "a cropped photo of the {n}", "a good photo of {a}", "a snapshot of {a}",
+            "a photo of two {s}", "a photo of some {s}", "{s} in a photo", "there is {a} in this picture",
+            "this is {a}", "a colour photo of {a}", "a black and white photo of {a}", "an old photo of {a}",
+            "a pixelated photo of {a}", "{a}, outdoors", "a photo showing {a}", "the {n} in the photo"]
 FLOWERS = ["sunflower", "rose", "daffodil", "water lily", "purple coneflower", "tiger lily", "hibiscus",
            "bird of paradise"]   # default prompts (for your own --data: its first eight classes)
 CAPTION_DROPOUT = 0.1  # how often a training caption becomes "" (that trains the unconditional model)
@@ -78,7 +86,8 @@ STEPS_ROWS = [1, 2, 4, 8, 16, 50]   # rows of steps.png: the same noise, integra
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Phase 5: latent text-to-image flow matching on Flowers-102.")
+    p = argparse.ArgumentParser(description="Phase 5: latent text-to-image flow matching on Flowers-102.",
+                                fromfile_prefix_chars="@")  # @FILE: more arguments, one per line
     p.add_argument("--data", default=DATASET, help="'flowers102' or a folder of your own (one sub-folder per class)")
     p.add_argument("--vae-steps", type=number(int), default=VAE_STEPS, help="stage 1: VAE optimizer steps")
     p.add_argument("--steps", type=number(int), default=STEPS, help="stage 2: flow optimizer steps")
@@ -255,6 +264,26 @@ class TimeEmbedding(nn.Module):
         return self.mlp(torch.cat([angles.sin(), angles.cos()], dim=1))    # (B, dim)
 
 
+def names_of(name):
+    """A class's names: its own, then the other words people use for it (SYNONYMS)."""
+    return [name] + SYNONYMS.get(name, [])
+
+
+def plural(name):
+    """dog -> dogs, puppy -> puppies, bird of paradise -> birds of paradise, deer -> deer: enough for these names."""
+    head, of, tail = name.partition(" of ")
+    if head in ("deer", "sheep", "aircraft") or head.endswith("s") and not head.endswith(("ss", "us")):
+        return name
+    if head.endswith("y") and head[-2] not in "aeiou":
+        return head[:-1] + "ies" + of + tail
+    return head + ("es" if head.endswith(("s", "sh", "ch", "x")) else "s") + of + tail
+
+
+def caption(wording, name):
+    """A wording of WORDINGS with a class name filled in: "a photo of {a}" -> "a photo of an airplane"."""
+    return wording.format(a=("an " if name[0] in "aeiou" else "a ") + name, n=name, s=plural(name))
+
+
 class CLIPTextEncoder:
     """Prompts -> CLIP token embeddings (B, L, Dt) and mask (B, L), L = the longest prompt's tokens. Frozen."""
 
@@ -393,6 +422,11 @@ class TextConditionalDiT(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(width, H // patch_size, W // patch_size))  # (N, D), fixed
         self.time_embed = TimeEmbedding(width)
         self.blocks = nn.ModuleList([TextConditionedDiTBlock(width, heads, text_dim) for _ in range(depth)])
+        # CLIP's token vectors share one large common part and differ, word by word, in a small rest (the offline
+        # stand-in's are 98% alike). Standardising each feature with the mean and spread of the training captions'
+        # tokens (set once, in main) puts that rest at full scale for the cross-attention.
+        self.register_buffer("text_mean", torch.zeros(text_dim))
+        self.register_buffer("text_std", torch.ones(text_dim))
         self.final = FinalLayer(width, patch_dim)
         self.initialize_weights()
 
@@ -414,6 +448,7 @@ class TextConditionalDiT(nn.Module):
     def forward(self, x, t, text, mask):       # x: (B, C, H, W), t: (B,), text: (B, L, Dt), mask: (B, L)
         tokens = self.patch_embed(patchify(x, self.patch_size)) + self.pos_embed   # (B, N, D)
         c = self.time_embed(t)                                        # (B, D): "how noisy"
+        text = (text - self.text_mean) / self.text_std                # (B, L, Dt), standardised
         for block in self.blocks:
             tokens = block(tokens, c, text, mask)                     # (B, N, D)
         patches = self.final(tokens, c)                               # (B, N, p*p*C)
@@ -550,16 +585,21 @@ def restore(path, state, modules):
 # Training loop
 
 class TextConditionalTrainer:
-    """Captions for the training loop. Every caption (each class in every wording, and the empty prompt) goes
-    through CLIP once, up front, into one table on the device; a batch then only looks its rows up."""
+    """Captions for the training loop. Every caption (each class by each of its names in every wording, and the
+    empty prompt) goes through CLIP once, up front, into one table on the device; a batch only looks rows up."""
 
     def __init__(self, encoder, classes):
-        captions = [template.format(name) for name in classes for template in TEMPLATES] + [""]  # "" is last
-        self.text, self.mask = encoder.encode(captions)   # (K, L, Dt), (K, L): K captions, L tokens
+        per_class = [list(dict.fromkeys(caption(w, n) for n in names_of(c) for w in WORDINGS)) for c in classes]
+        self.captions = sum(per_class, []) + [""]                          # K captions; "" is the last row
+        self.text, self.mask = encoder.encode(self.captions)               # (K, L, Dt), (K, L)
+        real = self.text[self.mask]                                        # every real token: (tokens, Dt)
+        self.text_mean, self.text_std = real.mean(0), real.std(0) + 1e-6   # for the model's standardisation
+        count = torch.tensor([len(captions) for captions in per_class], device=self.text.device)
+        self.count, self.first = count, count.cumsum(0) - count   # class c's captions: rows first[c] ... + count[c]
 
     def loss(self, model, x1, labels):
-        """A random wording of each image's class, or (caption dropout) the empty prompt; then flow matching."""
-        ids = labels * len(TEMPLATES) + torch.randint(len(TEMPLATES), labels.shape, device=labels.device)
+        """A random caption of each image's class, or (caption dropout) the empty prompt; then flow matching."""
+        ids = self.first[labels] + (torch.rand(labels.shape, device=labels.device) * self.count[labels]).long()
         drop = torch.rand(labels.shape, device=labels.device) < CAPTION_DROPOUT
         ids = torch.where(drop, torch.full_like(ids, len(self.text) - 1), ids)
         return text_conditional_loss(model, x1, self.text[ids], self.mask[ids], T_MEAN)
@@ -665,10 +705,16 @@ def save_attention(path, images, trajectory, maps, prompts, words):
 
 
 def class_of_prompt(prompt, classes):
-    """The class a prompt names (the longest match: "lily" vs "water lily"), or -1 if it names none."""
-    named = [(len(name), i) for i, name in enumerate(classes) if re.search(rf"\b{re.escape(name)}s?\b",
-                                                                          prompt.lower())]
-    return max(named)[1] if named else -1
+    """The class a prompt names by any of its names ("two puppies": dog), for evaluation; -1 if none or several.
+    A name inside a longer one that the prompt holds does not count ("rose" in "desert-rose")."""
+    found = {}  # class -> the longest of its names in the prompt
+    for i, name in enumerate(classes):
+        for n in names_of(name):
+            said = re.search(rf"\b({re.escape(n)}|{re.escape(plural(n))})\b", prompt.lower())
+            if said and len(n) > len(found.get(i, "")):
+                found[i] = n
+    named = [i for i, n in found.items() if not any(n != m and n in m for m in found.values())]
+    return named[0] if len(named) == 1 else -1
 
 
 @torch.no_grad()
@@ -838,7 +884,7 @@ def main(argv=None):
     clip_name = args.clip_model or config.get("clip_model", CLIP_MODEL)  # --clip-model on the command line wins
     encoder = CLIPTextEncoder(clip_name, device)
     names = [name for name in FLOWERS if name in config["classes"]] or config["classes"][:8]
-    args.prompt = args.prompt or [TEMPLATES[0].format(name) for name in names]
+    args.prompt = args.prompt or [caption(WORDINGS[0], name) for name in names]
     captions = encoder.encode(args.prompt + [""])  # the prompts, then "" (the null condition): CLIP runs once, and
     # a prompt it cannot read stops the run now, not after training
     clip_name = os.path.abspath(clip_name) if os.path.isdir(clip_name) else clip_name  # found from anywhere
@@ -869,14 +915,17 @@ def main(argv=None):
     if training:
         print("stage 2: the flow, on latents", flush=True)
         trainer = TextConditionalTrainer(encoder, config["classes"])
+        if step == 0:  # a new model learns its text standardisation from its training captions, once
+            for module in (model, ema):
+                module.text_mean.copy_(trainer.text_mean), module.text_std.copy_(trainer.text_std)
         noise = torch.randn(8, *LATENT_SHAPE, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
-        def save(s):  # a checkpoint, and a row of progress.png: the same 8 noises ("a photo of a" the first 8 classes)
+        def save(s):  # a checkpoint, and a row of progress.png: the same 8 noises, "a photo of" the first 8 classes
             if not first:
                 return
             first8 = torch.arange(8, device=device) % len(config["classes"])  # (your --data may have fewer)
             with amp:
-                x, _ = sample_conditional(ema, first8 * len(TEMPLATES), args.cfg_scale, args.sample_steps, noise,
+                x, _ = sample_conditional(ema, trainer.first[first8], args.cfg_scale, args.sample_steps, noise,
                                           (trainer.text, trainer.mask))
             row = (s, decode(vae_ema, x, config["latent_scale"]).cpu())
             save_checkpoint(ckpt_path, model, ema, opt, s, config, {"progress": progress + [row]})

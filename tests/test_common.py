@@ -215,3 +215,23 @@ def test_step_flops_counts_forward_and_backward_and_draws_no_random_numbers():
     torch.manual_seed(1)
     assert torch.equal(after, torch.rand(1))   # the random numbers the step drew were put back
     assert common.gpu_mfu(flops * 100.0) is None or torch.cuda.is_available()   # no MFU off CUDA
+
+
+def test_a_model_counted_before_its_first_call_is_still_compiled():
+    """Up to PyTorch 2.13, a compiled model's first call under FlopCounterMode left it uncompiled for good."""
+    from torch._dynamo.utils import counters
+
+    class Net(torch.nn.Module):  # its own class: a code object no other test has compiled
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return torch.sin(self.layer(x))
+
+    net, x = Net(), torch.randn(16, 8)
+    net.compile(backend="eager")   # dynamo only: what is tested is whether the frame is compiled
+    counters.clear()
+    assert common.step_flops(lambda: net(x).sum()) == 2 * 16 * 8 * 4 * 2   # forward and the weight's gradient
+    net(x)
+    assert counters["frames"]["ok"] >= 1

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import phase4_clip as p4
-from conftest import assert_clean_error, load_ckpt, run_script
+from conftest import ROOT, assert_clean_error, load_ckpt, run_script
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,17 @@ def test_more_padding_changes_nothing():
         assert torch.allclose(model(x, t, emb, mask), model(x, t, *longer), atol=1e-5)
 
 
+def test_text_is_standardised_with_the_stored_statistics():
+    model = small_model()
+    text, mask = torch.randn(2, 5, 32) * 3 + 7, torch.ones(2, 5, dtype=torch.bool)
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    with torch.no_grad():
+        plain = model(x, t, (text - 7) / 3, mask)
+        model.text_mean.fill_(7.0), model.text_std.fill_(3.0)
+        assert torch.allclose(model(x, t, text, mask), plain, atol=1e-5)
+        assert not torch.allclose(model(x, t, (text - 7) / 3, mask), plain, atol=1e-3)
+
+
 def test_fresh_text_block_is_the_identity():
     model = p4.TextConditionalDiT(depth=1, width=32, heads=2, text_dim=16)
     assert type(model.blocks[0]) is p4.TextConditionedDiTBlock and isinstance(model.blocks[0], p4.DiTBlock)
@@ -85,24 +96,49 @@ def test_sample_text_conditional_draws_each_prompt_in_turn_with_cfg(encoder):
     assert torch.allclose(images, p4.sample_conditional(model, labels, 3.0, 2, noise, captions)[0], atol=1e-6)
 
 
-def test_caption_dropout_uses_the_empty_prompt(encoder, monkeypatch):
+def test_caption_table_holds_every_wording_of_every_name_once_and_dropout_uses_the_empty_prompt(encoder, monkeypatch):
     trainer = p4.TextConditionalTrainer(encoder, p4.CLASSES)
-    assert len(trainer.text) == 10 * len(p4.TEMPLATES) + 1
-    empty_emb, empty_mask = encoder.encode([""])
-    assert torch.allclose(trainer.text[-1, :2], empty_emb[0], atol=1e-5) and trainer.mask[-1].sum() == 2  # "" last
+    captions = trainer.captions
+    assert len(captions) == len(set(captions)) == len(trainer.text) and captions[-1] == ""   # each once, "" last
+    for c in p4.CLASSES:
+        assert {p4.caption(w, name) for name in p4.names_of(c) for w in p4.WORDINGS} <= set(captions)
+    assert len(captions) > 10 * len(p4.WORDINGS) * 3
+    for i in (0, 17, len(captions) - 2, len(captions) - 1):  # the row is that caption's CLIP encoding
+        emb, mask = encoder.encode([captions[i]])
+        assert torch.allclose(trainer.text[i, :emb.shape[1]], emb[0], atol=1e-5) and trainer.mask[i].sum() == mask.sum()
     seen = []
     monkeypatch.setattr(p4, "text_conditional_loss", lambda model, x1, text, mask, t_mean: seen.append((text, mask)))
     torch.manual_seed(0)
-    labels = torch.randint(0, 10, (20000,))
-    trainer.loss(None, torch.zeros(20000, 3, 2, 2), labels)
+    labels = torch.randint(0, 10, (40000,))
+    trainer.loss(None, torch.zeros(40000, 3, 2, 2), labels)
     text, mask = seen[0]
-    dropped = mask.sum(1) == 2
+    rows = {tuple(row.flatten().tolist()): i for i, row in enumerate(trainer.text)}
+    ids = torch.tensor([rows[tuple(row.flatten().tolist())] for row in text])
+    dropped = ids == len(captions) - 1
     assert 0.09 < dropped.float().mean() < 0.11
-    # a kept caption is one of its class's wordings; every wording gets used
-    rows = {tuple(row.flatten().tolist()): i for i, row in enumerate(trainer.text[:-1])}
-    ids = torch.tensor([rows[tuple(row.flatten().tolist())] for row in text[~dropped][:3000]])
-    assert (ids // len(p4.TEMPLATES) == labels[~dropped][:3000]).all()
-    assert len(set(ids.tolist())) == 10 * len(p4.TEMPLATES)
+    # a kept caption names its image's class (by one of its names); every caption of the table gets used
+    assert all(p4.class_of_prompt(captions[i], p4.CLASSES) == y for i, y in zip(ids[~dropped][:3000].tolist(),
+                                                                            labels[~dropped][:3000].tolist()))
+    assert len(set(ids.tolist())) == len(captions)
+
+
+def test_training_captions_fit_in_clip(encoder):
+    """The tiny tokenizer has few merges: about a token per letter, more than CLIP's real one gives."""
+    from torchvision.datasets import Flowers102
+    for names in (p4.CLASSES, Flowers102.classes):  # phase 5 fills the same wordings with flower names
+        longest = max((p4.caption(w, n) for c in names for n in p4.names_of(c) for w in p4.WORDINGS), key=len)
+        assert encoder.encode([longest])[1].shape[1] < 77
+
+
+def test_heldout_and_synonym_prompts_name_their_class_and_are_not_training_captions(encoder):
+    training = {p4.caption(w, n) for c in p4.CLASSES for n in p4.names_of(c) for w in p4.WORDINGS}
+    heldout = p4.get_args([f"@{os.path.join(ROOT, 'docs', 'prompts', 'heldout.txt')}"]).prompt
+    assert len(heldout) == 100 and not training & set(heldout)
+    assert [p4.class_of_prompt(prompt, p4.CLASSES) for prompt in heldout] == [i // 10 for i in range(100)]
+    synonyms = p4.get_args([f"@{os.path.join(ROOT, 'docs', 'prompts', 'synonyms.txt')}"]).prompt
+    assert [p4.class_of_prompt(prompt, p4.CLASSES) for prompt in synonyms] == [i // 2 for i in range(20)]
+    assert not any(p4.CLASSES[i // 2] in prompt.split() for i, prompt in enumerate(synonyms))   # another name each
+    assert encoder.encode(heldout + synonyms)[1].shape[1] < 77
 
 
 def test_attention_maps_are_the_probabilities_that_drew_the_sample(encoder):
@@ -133,8 +169,18 @@ def test_words_label_every_real_token(encoder):
 def test_class_of_prompt():
     assert p4.class_of_prompt("a photo of a dog", p4.CLASSES) == 5
     assert p4.class_of_prompt("Two Ships at sea", p4.CLASSES) == 8
+    assert p4.class_of_prompt("two puppies", p4.CLASSES) == 5 and p4.class_of_prompt("a Car.", p4.CLASSES) == 1
+    assert p4.class_of_prompt("lorries", p4.CLASSES) == 9 and p4.class_of_prompt("a kitten and a cat", p4.CLASSES) == 3
     assert p4.class_of_prompt("a dogma", p4.CLASSES) == -1
     assert p4.class_of_prompt("a cat and a dog", p4.CLASSES) == -1
+    assert p4.class_of_prompt("a boat and a car", p4.CLASSES) == -1
+
+
+def test_caption_fills_in_article_and_plural():
+    assert p4.caption("a photo of {a}", "airplane") == "a photo of an airplane"
+    assert p4.caption("{s} and the {n}", "puppy") == "puppies and the puppy"
+    assert [p4.plural(n) for n in ("deer", "bus", "bird of paradise", "canterbury bells")] == [
+        "deer", "buses", "birds of paradise", "canterbury bells"]
 
 
 def write_cifar_folder(root, per_class=3):
@@ -166,12 +212,18 @@ def test_cli_trains_saves_and_samples_then_samples_straight_away(tmp_path, tiny_
     assert npz["images"].shape == (4, 32, 32, 3) and npz["labels"].tolist() == [5, 5, -1, -1]
     ckpt = load_ckpt(out / "ckpt.pt")
     assert ckpt["step"] == 3 and ckpt["phase"] == 4
+    trainer = p4.TextConditionalTrainer(encoder, p4.CLASSES)   # the text statistics of the training captions
+    for weights in (ckpt["model"], ckpt["ema"]):
+        assert torch.allclose(weights["text_mean"], trainer.text_mean) and torch.allclose(weights["text_std"],
+                                                                                          trainer.text_std)
     assert ckpt["config"]["clip_model"] == os.path.abspath(tiny_clip)   # stored absolute: found from anywhere
     # A checkpoint exists now: the same command samples without training, with the CLIP it was trained with.
-    r = run_script("phase4_clip.py", "--out-dir", out, "--prompt", "a photo of a cat", "--num-samples", 3,
+    # Prompts from a file (@FILE, an argument a line); a synonym counts as its class in the npz.
+    (tmp_path / "prompts.txt").write_text("--prompt=a photo of a cat\n--prompt=two puppies\n")
+    r = run_script("phase4_clip.py", "--out-dir", out, f"@{tmp_path / 'prompts.txt'}", "--num-samples", 3,
                    "--save-npz", tmp_path / "t.npz", "--sample-steps", 2, "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    assert "training" not in r.stdout and np.load(tmp_path / "t.npz")["labels"].tolist() == [3, 3, 3]
+    assert "training" not in r.stdout and np.load(tmp_path / "t.npz")["labels"].tolist() == [3, 3, 3, 5, 5, 5]
     # --clip-model on the command line wins over the stored one
     moved = shutil.copytree(tiny_clip, tmp_path / "clip copy")
     r = run_script("phase4_clip.py", "--out-dir", out, "--clip-model", moved, "--num-samples", 1, *TINY)
