@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
 from common import (atomic_write, autocast, check_same_data, check_writable, fail, finite, get_device, gpu_mfu,
@@ -263,9 +263,9 @@ def train(args, model, ema, opt, data, amp, step, save, guide, guide_step):
     while step < args.steps and not (args.max_minutes and minutes() >= args.max_minutes):
         try:
             # How far the run is, 0 to 1, in steps or in minutes, whichever runs out first.
-            progress = max(step / args.steps, minutes() / args.max_minutes if args.max_minutes else 0)
+            done = max(step / args.steps, minutes() / args.max_minutes if args.max_minutes else 0)
             for group in opt.param_groups:  # linear warmup, constant, linear cooldown to 0 over the last COOLDOWN
-                group["lr"] = args.lr * min(1.0, (step + 1) / WARMUP_STEPS, max(1.0 - progress, 0.0) / COOLDOWN)
+                group["lr"] = args.lr * min(1.0, (step + 1) / WARMUP_STEPS, max(1.0 - done, 0.0) / COOLDOWN)
             loss = batch_loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -276,7 +276,7 @@ def train(args, model, ema, opt, data, amp, step, save, guide, guide_step):
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, params, 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
             step += 1
-            if guide_step is None and progress >= GUIDE_AT:
+            if guide_step is None and done >= GUIDE_AT:
                 guide.load_state_dict(ema.state_dict())
                 guide_step = step
             # The smoothed loss stays on the device: reading it (.item()) makes the CPU wait for the GPU to finish,
@@ -318,14 +318,19 @@ def to_uint8(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).squeeze(-1).cpu().numpy()
 
 
-def save_grid(images, path, nrow, captions=()):
-    """Save a grid of [-1, 1] images; with captions, a white strip on the left gives each row's text."""
+def save_grid(images, path, nrow, titles=()):
+    """Save a grid of [-1, 1] images, small ones drawn 2x (28 and 32 pixels: 56 and 64); with titles, a white strip
+    on the left gives each row its text."""
+    images = F.interpolate(images, scale_factor=max(1, 64 // images.shape[-1]))        # nearest: sharp pixels
     grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
-    strip_w = 8 + 6 * max(map(len, captions)) if captions else 0  # PIL's built-in font: 6 pixels a letter
+    titles = [" ".join(title.split()) for title in titles]  # one line each, whatever a prompt held
+    font = ImageFont.load_default(size=13)  # a TrueType font whose letters do not touch
+    strip_w = 8 + max(round(font.getlength(title)) for title in titles) if titles else 0
     canvas = Image.new("RGB", (strip_w + grid.shape[2], grid.shape[1]), "white")
     canvas.paste(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()), (strip_w, 0))
-    for i, caption in enumerate(captions):  # in the middle of its row
-        ImageDraw.Draw(canvas).text((4, (i + 0.5) * (grid.shape[1] - 1) / len(captions) - 5), caption, fill="black")
+    for i, title in enumerate(titles):  # in the middle of its row
+        y = (i + 0.5) * (grid.shape[1] - 1) / len(titles) - 8
+        ImageDraw.Draw(canvas).text((4, y), title, fill="black", font=font)
     canvas.save(path)
 
 
@@ -351,7 +356,7 @@ def generate(args, model, device, amp, guide, guide_step):
     strip = torch.stack([traj[round(i * args.sample_steps / 8)].cpu() for i in range(9)], 1)  # rows = samples,
     save_grid(strip.flatten(0, 1), os.path.join(args.out_dir, "trajectory.png"), nrow=9)  # columns = t from 0 to 1
     save_grid(torch.cat(by_steps), os.path.join(args.out_dir, "steps.png"), nrow=len(noise),
-              captions=[f"{n} step" + "s" * (n > 1) for n in STEPS_ROWS])
+              titles=[f"{n} step" + "s" * (n > 1) for n in STEPS_ROWS])
     frames = [Image.fromarray(to_uint8(make_grid(x, len(noise), padding=1, pad_value=1.0)[None])[0]) for x in traj]
     frames[0].save(os.path.join(args.out_dir, "trajectory.gif"), save_all=True, append_images=frames[1:], loop=0,
                    duration=[60] * (len(frames) - 1) + [1500])  # ms per frame; the finished digits stay 1.5 s
@@ -414,7 +419,7 @@ def main(argv=None):
                                                                     "progress": progress + [row]})
             progress.append(row)  # the picture shows only what is on disk
             save_grid(torch.cat([x for _, x in progress]), os.path.join(args.out_dir, "progress.png"), nrow=8,
-                      captions=[f"step {s}" for s, _ in progress])
+                      titles=[f"step {s}" for s, _ in progress])
         metrics = train(args, model, ema, opt, data, amp, step, save, guide, guide_step)
         guide_step = metrics["guide_step"]
     metrics.update(generate(args, ema, device, amp, guide, guide_step))

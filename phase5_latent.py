@@ -10,8 +10,8 @@ And past one device: under torchrun, several copies share every batch and DDP av
 
 From phases 1-4: flow matching trains a network v(x_t, t) on the straight path x_t = (1 - t) x0 + t x1 from noise
 x0 (t = 0) to data x1 (t = 1), and samples by Euler steps x += dt * v. The network is a DiT (patches as tokens, t
-through adaLN) that reads a prompt's CLIP token embeddings through cross-attention; classifier-free guidance
-samples with v = v_uncond + s * (v_cond - v_uncond), the empty prompt "" being the unconditional branch.
+through adaLN) that reads a prompt's CLIP token embeddings through cross-attention (and its last token through
+adaLN); classifier-free guidance samples with v = v_uncond + s * (v_cond - v_uncond), "" the unconditional prompt.
 
 Run:
     python phase5_latent.py --prompt "a photo of a sunflower"   # trains the VAE, then the flow, then draws
@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
 from common import (ImageData, atomic_write, autocast, check_same_data, check_writable, fail, finite, get_device,
@@ -55,6 +55,8 @@ HOLDOUT = 300          # images kept out of training, to measure the VAE's recon
 STEPS = 2900           # stage 2: flow optimizer steps
 BATCH_SIZE = 128
 LR = 1e-3              # peak AdamW learning rate
+BETAS = (0.9, 0.95)    # AdamW's memories: 0.95 (not 0.999) for the gradients' scale, so a sudden large gradient
+                       # meets a scale that has caught up with it, not an outsized step (a loss spike)
 WARMUP_STEPS = 200     # linear warmup from 0 to LR ...
 COOLDOWN = 0.3         # ... and a linear decay to 0 over the last 30% of the run
 EMA_DECAY = 0.999      # samples come from an exponential moving average of the weights
@@ -411,7 +413,8 @@ class FinalLayer(nn.Module):
 
 
 class TextConditionalDiT(nn.Module):
-    """patchify -> embed + 2-D positions -> blocks (adaLN from t, cross-attention to the text) -> unpatchify."""
+    """patchify -> embed + 2-D positions -> blocks (adaLN from t and the prompt, cross-attention to its tokens)
+    -> unpatchify."""
 
     def __init__(self, image_shape=(4, 16, 16), patch_size=2, depth=6, width=192, heads=4, text_dim=512):
         super().__init__()
@@ -421,6 +424,9 @@ class TextConditionalDiT(nn.Module):
         self.patch_embed = nn.Linear(patch_dim, width)
         self.register_buffer("pos_embed", sincos_2d(width, H // patch_size, W // patch_size))  # (N, D), fixed
         self.time_embed = TimeEmbedding(width)
+        # The prompt as one vector too (CLIP's end token, which has read all of it), added to t's embedding like a
+        # class embedding: every block hears what the picture is; cross-attention tells each patch where.
+        self.text_embed = nn.Sequential(nn.Linear(text_dim, width), nn.SiLU(), nn.Linear(width, width))
         self.blocks = nn.ModuleList([TextConditionedDiTBlock(width, heads, text_dim) for _ in range(depth)])
         # CLIP's token vectors share one large common part and differ, word by word, in a small rest (the offline
         # stand-in's are 98% alike). Standardising each feature with the mean and spread of the training captions'
@@ -447,8 +453,9 @@ class TextConditionalDiT(nn.Module):
 
     def forward(self, x, t, text, mask):       # x: (B, C, H, W), t: (B,), text: (B, L, Dt), mask: (B, L)
         tokens = self.patch_embed(patchify(x, self.patch_size)) + self.pos_embed   # (B, N, D)
-        c = self.time_embed(t)                                        # (B, D): "how noisy"
         text = (text - self.text_mean) / self.text_std                # (B, L, Dt), standardised
+        pooled = text[torch.arange(len(text), device=text.device), mask.sum(1) - 1]   # (B, Dt): each end token
+        c = self.time_embed(t) + self.text_embed(pooled)              # (B, D): "how noisy" + "what"
         for block in self.blocks:
             tokens = block(tokens, c, text, mask)                     # (B, N, D)
         patches = self.final(tokens, c)                               # (B, N, p*p*C)
@@ -498,11 +505,11 @@ def euler_sample(velocity, noise, steps):
     return x, trajectory
 
 
-def guided_velocity(model, x, t, y, cfg_scale, captions):
+def guided_velocity(model, x, t, y, cfg_scale, table):
     """v_uncond + s * (v_cond - v_uncond), both predictions from ONE forward pass over a doubled batch.
 
-    y (B,) picks rows of the caption table captions = (text (K, L, Dt), mask (K, L)); its last row is "" (null)."""
-    text, mask = captions
+    y (B,) picks rows of the caption table = (text (K, L, Dt), mask (K, L)); its last row is "" (null)."""
+    text, mask = table
     null = torch.full_like(y, len(text) - 1)
     if cfg_scale == 1:
         return model(x, t, text[y], mask[y])         # s = 1 is the conditional prediction: skip the other half
@@ -513,23 +520,23 @@ def guided_velocity(model, x, t, y, cfg_scale, captions):
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
-def sample_conditional(model, labels, cfg_scale, steps, noise, captions):
-    """Euler sampling of images of the captions labels (B,) index, guided with scale cfg_scale, from noise."""
-    return euler_sample(lambda x, t: guided_velocity(model, x, t, labels, cfg_scale, captions), noise, steps)
+def sample_conditional(model, labels, cfg_scale, steps, noise, table):
+    """Euler sampling of images of the table rows labels (B,), guided with scale cfg_scale, from noise."""
+    return euler_sample(lambda x, t: guided_velocity(model, x, t, labels, cfg_scale, table), noise, steps)
 
 
-def sample_text_conditional(model, captions, per_prompt, cfg_scale, steps, gen):
-    """per_prompt images of each prompt in the caption table captions = (text, mask) (its last row is the empty
+def sample_text_conditional(model, table, per_prompt, cfg_scale, steps, gen):
+    """per_prompt images of each prompt in the caption table = (text, mask) (its last row is the empty
     prompt), prompt by prompt (a row each in the grid), and their prompt indices. The noise comes from the CPU
     generator gen (the same images on every device), in chunks of 500 (10,000 samples fit in a laptop's memory)."""
-    labels, images = torch.arange(len(captions[0]) - 1).repeat_interleave(per_prompt), []
+    labels, images = torch.arange(len(table[0]) - 1).repeat_interleave(per_prompt), []
     for chunk in labels.split(500):
         noise = torch.randn(len(chunk), *LATENT_SHAPE, generator=gen).to(model.pos_embed.device)
-        images.append(sample_conditional(model, chunk.to(noise.device), cfg_scale, steps, noise, captions)[0].cpu())
+        images.append(sample_conditional(model, chunk.to(noise.device), cfg_scale, steps, noise, table)[0].cpu())
     return torch.cat(images), labels
 
 
-def sample_with_attention(model, labels, cfg_scale, steps, noise, captions, times):
+def sample_with_attention(model, labels, cfg_scale, steps, noise, table, times):
     """sample_conditional, with every cross-attention keeping its probabilities. Returns the images, the trajectory
     and, at the Euler steps nearest to `times`, {t: (B, N, L)}: the share of each patch's attention that went to
     each token, mean over heads and blocks, of the conditional half (the other half reads only the empty prompt)."""
@@ -539,7 +546,7 @@ def sample_with_attention(model, labels, cfg_scale, steps, noise, captions, time
 
     def velocity(x, t):
         records.clear()
-        v = guided_velocity(model, x, t, labels, cfg_scale, captions)
+        v = guided_velocity(model, x, t, labels, cfg_scale, table)
         if round(t[0].item() * steps) in keep:
             maps[t[0].item()] = torch.stack(records).mean(0)[:len(x)].float()
         return v
@@ -623,9 +630,9 @@ def train(args, model, ema, opt, data, amp, step, save, trainer):
     while step < args.steps and not (args.max_minutes and minutes() >= args.max_minutes):
         try:
             # How far the run is, 0 to 1, in steps or in minutes, whichever runs out first.
-            progress = max(step / args.steps, minutes() / args.max_minutes if args.max_minutes else 0)
+            done = max(step / args.steps, minutes() / args.max_minutes if args.max_minutes else 0)
             for group in opt.param_groups:  # linear warmup, constant, linear cooldown to 0 over the last COOLDOWN
-                group["lr"] = args.lr * min(1.0, (step + 1) / WARMUP_STEPS, max(1.0 - progress, 0.0) / COOLDOWN)
+                group["lr"] = args.lr * min(1.0, (step + 1) / WARMUP_STEPS, max(1.0 - done, 0.0) / COOLDOWN)
             loss = batch_loss()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -675,15 +682,19 @@ def to_uint8(x):
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).squeeze(-1).cpu().numpy()
 
 
-def save_grid(images, path, nrow, captions=()):
-    """Save a grid of [-1, 1] images; with captions, a white strip on the left gives each row's text."""
+def save_grid(images, path, nrow, titles=()):
+    """Save a grid of [-1, 1] images, small ones drawn 2x (28 and 32 pixels: 56 and 64); with titles, a white strip
+    on the left gives each row its text."""
+    images = F.interpolate(images, scale_factor=max(1, 64 // images.shape[-1]))        # nearest: sharp pixels
     grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
-    captions = [" ".join(c.split()) for c in captions]  # one line each, whatever the prompt held
-    strip_w = 8 + 6 * max(map(len, captions)) if captions else 0  # PIL's built-in font: 6 pixels a letter
+    titles = [" ".join(title.split()) for title in titles]  # one line each, whatever a prompt held
+    font = ImageFont.load_default(size=13)  # a TrueType font whose letters do not touch
+    strip_w = 8 + max(round(font.getlength(title)) for title in titles) if titles else 0
     canvas = Image.new("RGB", (strip_w + grid.shape[2], grid.shape[1]), "white")
     canvas.paste(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()), (strip_w, 0))
-    for i, caption in enumerate(captions):  # in the middle of its row
-        ImageDraw.Draw(canvas).text((4, (i + 0.5) * (grid.shape[1] - 1) / len(captions) - 5), caption, fill="black")
+    for i, title in enumerate(titles):  # in the middle of its row
+        y = (i + 0.5) * (grid.shape[1] - 1) / len(titles) - 8
+        ImageDraw.Draw(canvas).text((4, y), title, fill="black", font=font)
     canvas.save(path)
 
 
@@ -691,7 +702,7 @@ def save_attention(path, images, trajectory, maps, prompts, words):
     """attention.png. For each prompt, a row: x_t at each t of `maps`, then the sample. Under it, a row per token
     (the words and CLIP's start and end tokens; padding left out): where the patches read that token at each t
     (white = the most that token gets), and, beside the token, its share of all the attention, averaged."""
-    steps, tiles, captions = len(trajectory) - 1, [], []
+    steps, tiles, titles = len(trajectory) - 1, [], []
     for p, tokens in enumerate(words):
         weights = torch.stack([m[p, :, :len(tokens)] for m in maps.values()]).cpu()  # (T, N patches, tokens)
         side = math.isqrt(weights.shape[1])                                          # the patch grid's side
@@ -700,8 +711,8 @@ def save_attention(path, images, trajectory, maps, prompts, words):
         tiles += [trajectory[round(t * steps)][p].cpu() for t in maps] + [images[p].cpu()]
         for j in range(len(tokens)):
             tiles += [heat[i, j].expand_as(images[p]) for i in range(len(maps))] + [torch.ones_like(tiles[-1])]
-        captions += [prompts[p]] + [f"{w}  {share:.0%}" for w, share in zip(tokens, weights.mean((0, 1)))]
-    save_grid(torch.stack(tiles), path, nrow=len(maps) + 1, captions=captions)
+        titles += [prompts[p]] + [f"{w}  {share:.0%}" for w, share in zip(tokens, weights.mean((0, 1)))]
+    save_grid(torch.stack(tiles), path, nrow=len(maps) + 1, titles=titles)
 
 
 def class_of_prompt(prompt, classes):
@@ -737,37 +748,37 @@ def save_vae_pictures(args, vae, holdout):
     save_grid(torch.cat(rows).cpu(), os.path.join(args.out_dir, "latents.png"), nrow=1 + channels.shape[1])
 
 
-def generate(args, model, captions, words, vae, config, device, amp):
+def generate(args, model, table, words, vae, config, device, amp):
     """Sample --num-samples per prompt; write samples.png, trajectory.png/.gif, steps.png, cfg_sweep.png,
     attention.png and (optionally) the npz. `words`: each prompt's tokens, for attention.png."""
     gen, t0 = torch.Generator().manual_seed(args.seed), time.time()
     with amp:  # x stays fp32: x + dt * v promotes the bf16 velocity
-        latents, labels = sample_text_conditional(model, captions, args.num_samples, args.cfg_scale,
+        latents, labels = sample_text_conditional(model, table, args.num_samples, args.cfg_scale,
                                                   args.sample_steps, gen)
         images = decode(vae, latents.to(device), config["latent_scale"]).cpu()   # latents -> pictures
     seconds = time.time() - t0
     cols = min(args.num_samples, 10)  # grid: one row per prompt, up to 10 samples each
     save_grid(images.view(len(args.prompt), args.num_samples, *images.shape[1:])[:, :cols].flatten(0, 1),
-              os.path.join(args.out_dir, "samples.png"), nrow=cols, captions=args.prompt)
+              os.path.join(args.out_dir, "samples.png"), nrow=cols, titles=args.prompt)
     # Five more pictures, from one noise per prompt: how noise becomes a picture (a strip of 9 moments and an
     # animation of every step), what the same noise gives with fewer Euler steps (straight paths need few), what
     # the guidance scale does, and which words each patch reads (the attention of the run that drew the strip).
     rows = labels[::args.num_samples].to(device)
     noise = torch.randn(len(args.prompt), *LATENT_SHAPE, generator=gen).to(device)
     with amp:
-        x, traj, maps = sample_with_attention(model, rows, args.cfg_scale, args.sample_steps, noise, captions,
+        x, traj, maps = sample_with_attention(model, rows, args.cfg_scale, args.sample_steps, noise, table,
                                               ATTENTION_TIMES)
-        by_steps = [sample_conditional(model, rows, args.cfg_scale, n, noise, captions)[0] for n in STEPS_ROWS]
-        sweep = [sample_conditional(model, rows, s, args.sample_steps, noise, captions)[0] for s in SWEEP_SCALES]
+        by_steps = [sample_conditional(model, rows, args.cfg_scale, n, noise, table)[0] for n in STEPS_ROWS]
+        sweep = [sample_conditional(model, rows, s, args.sample_steps, noise, table)[0] for s in SWEEP_SCALES]
         (x,), traj, by_steps, sweep = ([decode(vae, x, config["latent_scale"]) for x in xs]  # latents -> pictures
                                        for xs in ([x], traj, by_steps, sweep))
     strip = torch.stack([traj[round(i * args.sample_steps / 8)].cpu() for i in range(9)], 1)  # rows = prompts,
     save_grid(strip.flatten(0, 1), os.path.join(args.out_dir, "trajectory.png"), nrow=9,  # columns = t from 0 to 1
-              captions=args.prompt)
+              titles=args.prompt)
     save_grid(torch.cat(by_steps), os.path.join(args.out_dir, "steps.png"), nrow=len(noise),
-              captions=[f"{n} step" + "s" * (n > 1) for n in STEPS_ROWS])
+              titles=[f"{n} step" + "s" * (n > 1) for n in STEPS_ROWS])
     save_grid(torch.cat(sweep), os.path.join(args.out_dir, "cfg_sweep.png"), nrow=len(noise),
-              captions=[f"cfg scale {s}" for s in SWEEP_SCALES])
+              titles=[f"cfg scale {s}" for s in SWEEP_SCALES])
     save_attention(os.path.join(args.out_dir, "attention.png"), x, traj, maps, args.prompt, words)
     frames = [Image.fromarray(to_uint8(make_grid(x, len(noise), padding=1, pad_value=1.0)[None])[0]) for x in traj]
     frames[0].save(os.path.join(args.out_dir, "trajectory.gif"), save_all=True, append_images=frames[1:], loop=0,
@@ -793,15 +804,13 @@ def split_holdout(data):
 # ----------------------------------------------------------------------------------------------------------
 # Main: the VAE (trained if missing), the latents, the flow (trained if missing, or --resume), then samples
 
-def main(argv=None):
+def setup_torchrun(args, device):
+    """Past one device: `torchrun --nproc_per_node N phase5_latent.py` starts N copies of this script. They all
+    draw the same random numbers (same seed), so they pick the same batch; each computes the loss on its share
+    (SHARD) and DDP averages the gradients: the weights stay identical in every copy, and equal to one process
+    training on the whole batch. Copy 0 writes the files and prints; the others only train. Returns this copy's
+    device, and whether it is copy 0 (also when there is only one process)."""
     global SHARD
-    args = get_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill (a cluster's preemption) saves like Ctrl-C
-    device = get_device(args.device)
-    # Past one device: `torchrun --nproc_per_node N phase5_latent.py` starts N copies of this script. They all
-    # draw the same random numbers (same seed), so they pick the same batch; each computes the loss on its share
-    # (SHARD) and DDP averages the gradients: the weights stay identical in every copy, and equal to one process
-    # training on the whole batch. Copy 0 writes the files and prints; the others only train.
     if "RANK" in os.environ:  # set by torchrun
         try:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -816,6 +825,13 @@ def main(argv=None):
                  f"{VAE_BATCH_SIZE}) equally")
     first = SHARD.start in (None, 0)
     sys.stdout = sys.stdout if first else open(os.devnull, "w")
+    return device, first
+
+
+def main(argv=None):
+    args = get_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill (a cluster's preemption) saves like Ctrl-C
+    device, first = setup_torchrun(args, get_device(args.device))
 
     def wrap(model):  # what train() runs: with several processes, DDP around the model, averaging the gradients
         return DDP(model, [device.index] if device.type == "cuda" else None) if dist.is_initialized() else model
@@ -885,7 +901,7 @@ def main(argv=None):
     encoder = CLIPTextEncoder(clip_name, device)
     names = [name for name in FLOWERS if name in config["classes"]] or config["classes"][:8]
     args.prompt = args.prompt or [caption(WORDINGS[0], name) for name in names]
-    captions = encoder.encode(args.prompt + [""])  # the prompts, then "" (the null condition): CLIP runs once, and
+    table = encoder.encode(args.prompt + [""])  # the prompts, then "" (the null condition): CLIP runs once, and
     # a prompt it cannot read stops the run now, not after training
     clip_name = os.path.abspath(clip_name) if os.path.isdir(clip_name) else clip_name  # found from anywhere
     if training and os.path.basename(config.setdefault("clip_model", clip_name)) != os.path.basename(clip_name):
@@ -897,7 +913,8 @@ def main(argv=None):
     model = build_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     # fused: one kernel updates all the weights (on CUDA and CPU; MPS uses the default loop)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=BETAS, weight_decay=0.0,
+                            fused=device.type in ("cuda", "cpu"))
     step, progress = 0, state.get("progress", []) if state else []  # progress.png's rows: (step, 8 images)
     if state:
         restore(ckpt_path, state, {"model": model, "ema": ema, "opt": opt})
@@ -931,13 +948,13 @@ def main(argv=None):
             save_checkpoint(ckpt_path, model, ema, opt, s, config, {"progress": progress + [row]})
             progress.append(row)  # the picture shows only what is on disk
             save_grid(torch.cat([x for _, x in progress]), os.path.join(args.out_dir, "progress.png"), nrow=8,
-                      captions=[f"step {s}" for s, _ in progress])
+                      titles=[f"step {s}" for s, _ in progress])
         metrics.update(train(args, wrap(model), ema, opt, latents, amp, step, save, trainer))
     if dist.is_initialized():  # training is over: copy 0 alone samples
         dist.destroy_process_group()
         if not first:
             return
-    metrics.update(generate(args, ema, captions, [encoder.words(p) for p in args.prompt], vae_ema, config, device,
+    metrics.update(generate(args, ema, table, [encoder.words(p) for p in args.prompt], vae_ema, config, device,
                             amp))
     if training or train_vae_now:  # sampling again never rewrites the training run's metrics
         with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:

@@ -110,8 +110,8 @@ def test_cli_trains_and_writes_everything(tmp_path, mnist_root):
     assert not (out / "ckpt.pt.tmp").exists()
     with Image.open(out / "trajectory.gif") as gif:  # one frame per Euler step, and the noise it starts from
         assert gif.n_frames == 4 + 1
-    with Image.open(out / "steps.png") as steps:    # one 28-pixel row (and its 1-pixel gap) per step count
-        assert steps.height == len(p1.STEPS_ROWS) * 29 + 1
+    with Image.open(out / "steps.png") as steps:    # one 56-pixel row (28 drawn 2x) and its 1-pixel gap per step count
+        assert steps.height == len(p1.STEPS_ROWS) * 57 + 1
     npz = np.load(tmp_path / "s.npz")
     assert npz["images"].dtype == np.uint8 and npz["images"].shape == (10, 28, 28)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -275,7 +275,7 @@ def test_progress_rows_are_kept_across_resume_and_drawing_them_leaves_training_a
     p1.main(["--out-dir", str(tmp_path / "b"), "--steps", "6", "--resume", *args])
     assert [s for s, _ in load_ckpt(tmp_path / "b" / "ckpt.pt")["progress"]] == [1, 2, 3, 4, 5, 6]
     with Image.open(tmp_path / "b" / "progress.png") as picture:
-        assert picture.height == 6 * 29 + 1                                  # all 6 rows are in the picture
+        assert picture.height == 6 * 57 + 1                                  # all 6 rows are in the picture
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -305,7 +305,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_progress_shows_only_what_is_s
         p1.main(["--steps", "6", "--resume", *args])
     assert (tmp_path / "ckpt.pt").read_bytes() == before and not [f for f in os.listdir(tmp_path) if "tmp" in f]
     with Image.open(tmp_path / "progress.png") as picture:
-        assert picture.height == 1 * 29 + 1                           # the unsaved step-6 row is not drawn
+        assert picture.height == 1 * 57 + 1                           # the unsaved step-6 row is not drawn
 
 
 def test_a_run_stopped_before_its_first_step_writes_no_checkpoint(tmp_path, mnist_root, monkeypatch):

@@ -66,6 +66,24 @@ def test_text_is_standardised_with_the_stored_statistics():
         assert not torch.allclose(model(x, t, (text - 7) / 3, mask), plain, atol=1e-3)
 
 
+def test_the_end_token_reaches_every_block_through_adaln():
+    """With cross-attention switched off (its output projections zero), the prompt still acts, through its end
+    token (the last real one) added to t's embedding; the tokens before it then change nothing."""
+    model = small_model()
+    for block in model.blocks:
+        block.cross.proj.weight.data.zero_(), block.cross.proj.bias.data.zero_()
+    text, mask = torch.randn(2, 6, 32), torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    x, t = torch.randn(2, 3, 32, 32), torch.rand(2)
+    other_start, other_end = text.clone(), text.clone()
+    other_start[:, 1] += 1.0                                  # a token before the end
+    other_end[0, 5] += 1.0                                    # each prompt's end token
+    other_end[1, 3] += 1.0
+    with torch.no_grad():
+        v = model(x, t, text, mask)
+        assert torch.allclose(model(x, t, other_start, mask), v, atol=1e-6)
+        assert (model(x, t, other_end, mask) - v).abs().flatten(1).amax(1).min() > 1e-3
+
+
 def test_fresh_text_block_is_the_identity():
     model = p4.TextConditionalDiT(depth=1, width=32, heads=2, text_dim=16)
     assert type(model.blocks[0]) is p4.TextConditionedDiTBlock and isinstance(model.blocks[0], p4.DiTBlock)
@@ -207,7 +225,7 @@ def test_cli_trains_saves_and_samples_then_samples_straight_away(tmp_path, tiny_
         assert (out / name).exists(), name
     tokens = len(encoder.words("a photo of a dog")) + len(encoder.words("a red\nthing"))
     with Image.open(out / "attention.png") as picture:  # per prompt: a row of x_t, then one per token (not padding)
-        assert picture.height == (2 + tokens) * 33 + 1
+        assert picture.height == (2 + tokens) * 65 + 1   # 32-pixel tiles drawn at 64
     npz = np.load(tmp_path / "s.npz")
     assert npz["images"].shape == (4, 32, 32, 3) and npz["labels"].tolist() == [5, 5, -1, -1]
     ckpt = load_ckpt(out / "ckpt.pt")
