@@ -612,14 +612,15 @@ def save_attention(path, images, trajectory, maps, prompts, words):
 
 def class_of_prompt(prompt, classes):
     """The class a prompt names by any of its names ("two puppies": dog), for evaluation; -1 if none or several.
-    A name inside a longer one that the prompt holds does not count ("rose" in "desert-rose")."""
+    A name that is a word of a longer one the prompt holds does not count ("rose" in "desert-rose")."""
     found = {}  # class -> the longest of its names in the prompt
     for i, name in enumerate(classes):
         for n in names_of(name):
             said = re.search(rf"\b({re.escape(n)}|{re.escape(plural(n))})\b", prompt.lower())
             if said and len(n) > len(found.get(i, "")):
                 found[i] = n
-    named = [i for i, n in found.items() if not any(n != m and n in m for m in found.values())]
+    named = [i for i, n in found.items() if not any(n != m and re.search(rf"\b{re.escape(n)}\b", m)
+                                                     for m in found.values())]
     return named[0] if len(named) == 1 else -1
 
 

@@ -192,6 +192,7 @@ def test_class_of_prompt():
     assert p4.class_of_prompt("a dogma", p4.CLASSES) == -1
     assert p4.class_of_prompt("a cat and a dog", p4.CLASSES) == -1
     assert p4.class_of_prompt("a boat and a car", p4.CLASSES) == -1
+    assert p4.class_of_prompt("a car and a cargo ship", p4.CLASSES) == -1   # "car" is not a word of "cargo ship"
 
 
 def test_caption_fills_in_article_and_plural():
