@@ -65,27 +65,27 @@ STEPS_ROWS = [1, 2, 4, 8, 16, 50]   # rows of steps.png: the same noise, integra
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Phase 1: unconditional flow matching on MNIST with a small CNN.")
-    p.add_argument("--steps", type=number(int), default=STEPS, help="optimizer steps to train for")
-    p.add_argument("--max-minutes", type=number(float), help="stop training after this much wall time")
-    p.add_argument("--batch-size", type=number(int), default=BATCH_SIZE)
-    p.add_argument("--lr", type=number(float), default=LR, help="peak learning rate")
-    p.add_argument("--width", type=number(int), default=WIDTH, help="model size: channels, a multiple of 8")
-    p.add_argument("--num-samples", type=number(int), default=64, help="how many images to draw")
-    p.add_argument("--sample-steps", type=number(int), default=SAMPLE_STEPS, help="Euler steps from noise to data")
-    p.add_argument("--guidance", type=number(float, 0, True), default=GUIDANCE, help="autoguidance w (1 = off)")
-    p.add_argument("--resume", action="store_true", help="train <out-dir>/ckpt.pt further, up to --steps")
-    p.add_argument("--save-npz", metavar="PATH", type=npz_file, help="also save the samples as uint8 arrays")
-    p.add_argument("--data-root", default="data", help="where MNIST is, or is downloaded to")
-    p.add_argument("--out-dir", default="out/phase1", help="checkpoint, pictures and metrics go here")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="bf16 autocast or fp32")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on "
-                   "CUDA only; --no-compile for old GPUs, or Windows without triton)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    parser = argparse.ArgumentParser(description="Phase 1: unconditional flow matching on MNIST with a small CNN.")
+    parser.add_argument("--steps", type=number(int), default=STEPS, help="optimizer steps to train for")
+    parser.add_argument("--max-minutes", type=number(float), help="stop training after this much wall time")
+    parser.add_argument("--batch-size", type=number(int), default=BATCH_SIZE)
+    parser.add_argument("--lr", type=number(float), default=LR, help="peak learning rate")
+    parser.add_argument("--width", type=number(int), default=WIDTH, help="model size: channels, a multiple of 8")
+    parser.add_argument("--num-samples", type=number(int), default=64, help="how many images to draw")
+    parser.add_argument("--sample-steps", type=number(int), default=SAMPLE_STEPS, help="Euler steps from noise to data")
+    parser.add_argument("--guidance", type=number(float, 0, True), default=GUIDANCE, help="autoguidance w (1 = off)")
+    parser.add_argument("--resume", action="store_true", help="train <out-dir>/ckpt.pt further, up to --steps")
+    parser.add_argument("--save-npz", metavar="PATH", type=npz_file, help="also save the samples as uint8 arrays")
+    parser.add_argument("--data-root", default="data", help="where MNIST is, or is downloaded to")
+    parser.add_argument("--out-dir", default="out/phase1", help="checkpoint, pictures and metrics go here")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="bf16 autocast or fp32")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on "
+                        "CUDA only; --no-compile for old GPUs, or Windows without triton)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
     if args.width % 8:
-        p.error("--width must be a multiple of 8 (GroupNorm uses 8 groups)")
+        parser.error("--width must be a multiple of 8 (GroupNorm uses 8 groups)")
     return args
 
 
@@ -131,7 +131,7 @@ class UNet(nn.Module):
     pixel_shuffle at the end. The convs then run on 4x fewer positions: most of the speed of this model on a
     laptop comes from here."""
 
-    def __init__(self, channels=1, width=48):
+    def __init__(self, channels, width):
         super().__init__()
         c, t_dim = width, 4 * width
         self.time_embed = TimeEmbedding(t_dim)
@@ -154,7 +154,7 @@ class UNet(nn.Module):
 
 
 def build_model(config):
-    return UNet(channels=1, width=config["width"])
+    return UNet(IMAGE_SHAPE[0], config["width"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,8 +235,7 @@ def restore(path, state, modules):
     """Load each module's saved weights (or optimizer state); a checkpoint of another model is a clean error."""
     try:
         for key, module in modules.items():
-            if state[key] is not None:  # None: not there yet (the guide, before GUIDE_AT)
-                module.load_state_dict(state[key])
+            module.load_state_dict(state[key])
     except (KeyError, ValueError, RuntimeError) as e:
         fail(f"{path} does not fit this script's model ({type(e).__name__}): use another --out-dir")
 
@@ -244,9 +243,8 @@ def restore(path, state, modules):
 # ----------------------------------------------------------------------------------------------------------
 # Training loop
 
-def train(args, model, ema, opt, data, amp, step, save, guide, guide_step):
-    """Train until --steps or --max-minutes; `save(step)` checkpoints periodically, at the end and on Ctrl-C.
-    At GUIDE_AT of the run, the EMA weights are copied into `guide` (for autoguidance at sampling)."""
+def train(args, model, ema, opt, data, amp, step, save, guide):
+    """Train until --steps or --max-minutes; `save(step)` checkpoints periodically, at the end and on Ctrl-C."""
 
     def batch_loss():  # a random batch through the model: the lines of this loop that the later phases change
         x1, _ = data.random_batch(args.batch_size)
@@ -276,9 +274,9 @@ def train(args, model, ema, opt, data, amp, step, save, guide, guide_step):
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, params, 1 - min(EMA_DECAY, (1 + step) / (10 + step)))
             step += 1
-            if guide_step is None and done >= GUIDE_AT:
+            if guide.step is None and done >= GUIDE_AT:  # autoguidance's early copy: the EMA as it is now
                 guide.load_state_dict(ema.state_dict())
-                guide_step = step
+                guide.step = step
             # The smoothed loss stays on the device: reading it (.item()) makes the CPU wait for the GPU to finish,
             # so it is read only to print it, and to check it is a number before a save.
             smooth_loss = loss.detach() if smooth_loss is None else smooth_loss.lerp(loss.detach(), 0.02)
@@ -292,7 +290,7 @@ def train(args, model, ema, opt, data, amp, step, save, guide, guide_step):
                 print(line, end="\r" if sys.stdout.isatty() else "\n", flush=True)
             if step % CKPT_EVERY == 0:
                 finite(smooth_loss, step)  # a diverged model never reaches the disk
-                save(step, guide_step)
+                save(step)
                 saved = step
         except KeyboardInterrupt:  # Ctrl-C, or a kill (SIGTERM, see main)
             print("\ninterrupted: saving a checkpoint", flush=True)
@@ -302,12 +300,12 @@ def train(args, model, ema, opt, data, amp, step, save, guide, guide_step):
         fail("stopped before the first training step: there is nothing to save")
     if saved != step:  # the end, or Ctrl-C: unless the periodic save just wrote this very step
         finite(smooth_loss, step)
-        save(step, guide_step)
+        save(step)
     seconds = 60 * minutes()
     return {"steps": step, "train_seconds": round(seconds, 1), "params": n_params,
             "final_smooth_loss": finite(smooth_loss, step),
             "train_images_per_s": round((step - start_step) * args.batch_size / max(seconds, 1e-9), 1),
-            "mfu": gpu_mfu(flops * (step - start_step) / max(seconds, 1e-9)), "guide_step": guide_step}
+            "mfu": gpu_mfu(flops * (step - start_step) / max(seconds, 1e-9))}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -319,8 +317,8 @@ def to_uint8(x):
 
 
 def save_grid(images, path, nrow, titles=()):
-    """Save a grid of [-1, 1] images, small ones drawn 2x (28 and 32 pixels: 56 and 64); with titles, a white strip
-    on the left gives each row its text."""
+    """A grid of [-1, 1] images, small ones drawn 2x (28 and 32 pixels: 56 and 64), saved to path (if given) and
+    returned; with titles, a white strip on the left gives each row its text."""
     images = F.interpolate(images, scale_factor=max(1, 64 // images.shape[-1]))        # nearest: sharp pixels
     grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
     titles = [" ".join(title.split()) for title in titles]  # one line each, whatever a prompt held
@@ -329,14 +327,16 @@ def save_grid(images, path, nrow, titles=()):
     canvas = Image.new("RGB", (strip_w + grid.shape[2], grid.shape[1]), "white")
     canvas.paste(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()), (strip_w, 0))
     for i, title in enumerate(titles):  # in the middle of its row
-        y = (i + 0.5) * (grid.shape[1] - 1) / len(titles) - 8
-        ImageDraw.Draw(canvas).text((4, y), title, fill="black", font=font)
-    canvas.save(path)
+        top = (i + 0.5) * (grid.shape[1] - 1) / len(titles) - 8
+        ImageDraw.Draw(canvas).text((4, top), title, fill="black", font=font)
+    if path:
+        canvas.save(path)
+    return canvas
 
 
-def generate(args, model, device, amp, guide, guide_step):
+def generate(args, model, device, amp, guide):
     """Sample --num-samples images in batches; write samples.png, trajectory.png/.gif, steps.png and the npz."""
-    w = args.guidance if guide_step is not None else 1.0  # no guide yet: training stopped before GUIDE_AT
+    w = args.guidance if guide.step is not None else 1.0  # no guide yet: training stopped before GUIDE_AT
     velocity = autoguided(model, guide, w)
     gen = torch.Generator().manual_seed(args.seed)  # noise drawn on the CPU: the same images on every device
     images, t0 = [], time.time()
@@ -357,16 +357,16 @@ def generate(args, model, device, amp, guide, guide_step):
     save_grid(strip.flatten(0, 1), os.path.join(args.out_dir, "trajectory.png"), nrow=9)  # columns = t from 0 to 1
     save_grid(torch.cat(by_steps), os.path.join(args.out_dir, "steps.png"), nrow=len(noise),
               titles=[f"{n} step" + "s" * (n > 1) for n in STEPS_ROWS])
-    frames = [Image.fromarray(to_uint8(make_grid(x, len(noise), padding=1, pad_value=1.0)[None])[0]) for x in traj]
+    frames = [save_grid(x.cpu(), None, nrow=len(noise)) for x in traj]  # every Euler step, drawn as the pictures are
     frames[0].save(os.path.join(args.out_dir, "trajectory.gif"), save_all=True, append_images=frames[1:], loop=0,
                    duration=[60] * (len(frames) - 1) + [1500])  # ms per frame; the finished digits stay 1.5 s
     if args.save_npz:
         atomic_write(args.save_npz, lambda f: np.savez_compressed(f, images=to_uint8(images)))
-    how = f"autoguidance {w:g} from step {guide_step}" if w != 1 else "no guidance"
+    how = f"autoguidance {w:g} from step {guide.step}" if w != 1 else "no guidance"
     print(f"sampled {len(images)} images in {seconds:.1f}s ({args.sample_steps} Euler steps, {how}) -> {args.out_dir}"
           + (f" and {args.save_npz}" if args.save_npz else ""), flush=True)
     return {"num_samples": len(images), "sample_steps": args.sample_steps, "sample_seconds": round(seconds, 1),
-            "guidance": w, "guide_step": guide_step}
+            "guidance": w, "guide_step": guide.step}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -388,13 +388,16 @@ def main(argv=None):
     config = state["config"] if state else {"width": args.width}  # a checkpoint rebuilds the model it trained
     model = build_model(config).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    guide, guide_step = copy.deepcopy(ema), None  # the early copy for autoguidance, filled in during training
+    guide = copy.deepcopy(ema)  # autoguidance's early copy of the EMA, taken in train() at GUIDE_AT of the run
+    guide.step = None           # the step it was taken at (None: not yet)
     # fused: one kernel updates all the weights (on CUDA and CPU; MPS uses the default loop)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
     step, progress = 0, state.get("progress", []) if state else []  # progress.png's rows: (step, 8 images)
     if state:
-        restore(ckpt_path, state, {"model": model, "ema": ema, "opt": opt, "guide": guide})
-        step, guide_step = state["step"], state.get("guide_step")
+        restore(ckpt_path, state, {"model": model, "ema": ema, "opt": opt})
+        step, guide.step = state["step"], state.get("guide_step")
+        if guide.step is not None:  # it has autoguidance's early copy
+            restore(ckpt_path, state, {"guide": guide})
         torch.set_rng_state(state["rng"].cpu())  # resume draws the same batches as an uninterrupted run
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
@@ -411,18 +414,16 @@ def main(argv=None):
         check_same_data(config, data, DATASET, ckpt_path)
         noise = torch.randn(8, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(args.seed)).to(device)
 
-        def save(s, g):  # a checkpoint, and a row of progress.png: the same 8 noises through the model as it is now
+        def save(s):  # a checkpoint, and a row of progress.png: the same 8 noises through the model as it is now
             with amp:
                 row = (s, euler_sample(ema, noise, args.sample_steps)[0].cpu())
-            guide_state = guide.state_dict() if g is not None else None
-            save_checkpoint(ckpt_path, model, ema, opt, s, config, {"guide": guide_state, "guide_step": g,
-                                                                    "progress": progress + [row]})
+            save_checkpoint(ckpt_path, model, ema, opt, s, config,
+                            {"progress": progress + [row], "guide": guide.state_dict(), "guide_step": guide.step})
             progress.append(row)  # the picture shows only what is on disk
             save_grid(torch.cat([x for _, x in progress]), os.path.join(args.out_dir, "progress.png"), nrow=8,
                       titles=[f"step {s}" for s, _ in progress])
-        metrics = train(args, model, ema, opt, data, amp, step, save, guide, guide_step)
-        guide_step = metrics["guide_step"]
-    metrics.update(generate(args, ema, device, amp, guide, guide_step))
+        metrics = train(args, model, ema, opt, data, amp, step, save, guide)
+    metrics.update(generate(args, ema, device, amp, guide))
     if training:  # sampling again never rewrites the training run's metrics
         with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
             json.dump({"config": config, **metrics}, f, indent=2)

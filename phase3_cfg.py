@@ -64,30 +64,30 @@ STEPS_ROWS = [1, 2, 4, 8, 16, 50]   # rows of steps.png: the same noise, integra
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Phase 3: class-conditional flow matching on MNIST with CFG.")
-    p.add_argument("--steps", type=number(int), default=STEPS, help="optimizer steps to train for")
-    p.add_argument("--max-minutes", type=number(float), help="stop training after this much wall time")
-    p.add_argument("--batch-size", type=number(int), default=BATCH_SIZE)
-    p.add_argument("--lr", type=number(float), default=LR, help="peak learning rate")
-    p.add_argument("--depth", type=number(int), default=DEPTH, help="model size: transformer blocks")
-    p.add_argument("--width", type=number(int), default=WIDTH, help=f"model size: token vector size ({HEADS} heads)")
-    p.add_argument("--digit", type=int, nargs="+", choices=range(NUM_CLASSES), help="digit(s) to draw (default: all)")
-    p.add_argument("--num-samples", type=number(int), default=10, help="how many images of each digit")
-    p.add_argument("--sample-steps", type=number(int), default=SAMPLE_STEPS, help="Euler steps from noise to data")
-    p.add_argument("--cfg-scale", type=number(float, 0, True), default=CFG_SCALE, help="guidance scale s (1 = off)")
-    p.add_argument("--resume", action="store_true", help="train <out-dir>/ckpt.pt further, up to --steps")
-    p.add_argument("--save-npz", metavar="PATH", type=npz_file, help="also save the samples as uint8 arrays")
-    p.add_argument("--data-root", default="data", help="where MNIST is, or is downloaded to")
-    p.add_argument("--out-dir", default="out/phase3", help="checkpoint, pictures and metrics go here")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="bf16 autocast or fp32")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on "
-                   "CUDA only; --no-compile for old GPUs, or Windows without triton)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    parser = argparse.ArgumentParser(description="Phase 3: class-conditional flow matching on MNIST with CFG.")
+    parser.add_argument("--steps", type=number(int), default=STEPS, help="optimizer steps to train for")
+    parser.add_argument("--max-minutes", type=number(float), help="stop training after this much wall time")
+    parser.add_argument("--batch-size", type=number(int), default=BATCH_SIZE)
+    parser.add_argument("--lr", type=number(float), default=LR, help="peak learning rate")
+    parser.add_argument("--depth", type=number(int), default=DEPTH, help="model size: transformer blocks")
+    parser.add_argument("--width", type=number(int), default=WIDTH, help=f"model size: token width ({HEADS} heads)")
+    parser.add_argument("--digit", type=int, nargs="+", choices=range(NUM_CLASSES), help="digits to draw (default all)")
+    parser.add_argument("--num-samples", type=number(int), default=10, help="how many images of each digit")
+    parser.add_argument("--sample-steps", type=number(int), default=SAMPLE_STEPS, help="Euler steps from noise to data")
+    parser.add_argument("--cfg-scale", type=number(float, 0, True), default=CFG_SCALE, help="CFG scale s (1 = off)")
+    parser.add_argument("--resume", action="store_true", help="train <out-dir>/ckpt.pt further, up to --steps")
+    parser.add_argument("--save-npz", metavar="PATH", type=npz_file, help="also save the samples as uint8 arrays")
+    parser.add_argument("--data-root", default="data", help="where MNIST is, or is downloaded to")
+    parser.add_argument("--out-dir", default="out/phase3", help="checkpoint, pictures and metrics go here")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="bf16 autocast or fp32")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on "
+                        "CUDA only; --no-compile for old GPUs, or Windows without triton)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
     if args.width % math.lcm(4, HEADS):
-        p.error(f"--width must be a multiple of {math.lcm(4, HEADS)} ({HEADS} heads; the 2-D position code splits it "
-                "in four)")
+        parser.error(f"--width must be a multiple of {math.lcm(4, HEADS)} ({HEADS} heads; the 2-D position code "
+                     "splits it in four)")
     args.digit = sorted(set(args.digit)) if args.digit else list(range(NUM_CLASSES))
     return args
 
@@ -209,7 +209,7 @@ class FinalLayer(nn.Module):
 class ConditionalDiT(nn.Module):
     """patchify -> linear embed + 2-D positions -> DiT blocks conditioned on (t, y) -> final layer -> unpatchify."""
 
-    def __init__(self, image_shape=(1, 28, 28), patch_size=4, depth=6, width=128, heads=4, num_classes=10):
+    def __init__(self, image_shape, patch_size, depth, width, heads, num_classes):
         super().__init__()
         self.image_shape, self.patch_size = tuple(image_shape), patch_size
         C, H, W = self.image_shape
@@ -425,8 +425,8 @@ def to_uint8(x):
 
 
 def save_grid(images, path, nrow, titles=()):
-    """Save a grid of [-1, 1] images, small ones drawn 2x (28 and 32 pixels: 56 and 64); with titles, a white strip
-    on the left gives each row its text."""
+    """A grid of [-1, 1] images, small ones drawn 2x (28 and 32 pixels: 56 and 64), saved to path (if given) and
+    returned; with titles, a white strip on the left gives each row its text."""
     images = F.interpolate(images, scale_factor=max(1, 64 // images.shape[-1]))        # nearest: sharp pixels
     grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
     titles = [" ".join(title.split()) for title in titles]  # one line each, whatever a prompt held
@@ -435,9 +435,11 @@ def save_grid(images, path, nrow, titles=()):
     canvas = Image.new("RGB", (strip_w + grid.shape[2], grid.shape[1]), "white")
     canvas.paste(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()), (strip_w, 0))
     for i, title in enumerate(titles):  # in the middle of its row
-        y = (i + 0.5) * (grid.shape[1] - 1) / len(titles) - 8
-        ImageDraw.Draw(canvas).text((4, y), title, fill="black", font=font)
-    canvas.save(path)
+        top = (i + 0.5) * (grid.shape[1] - 1) / len(titles) - 8
+        ImageDraw.Draw(canvas).text((4, top), title, fill="black", font=font)
+    if path:
+        canvas.save(path)
+    return canvas
 
 
 def generate(args, model, device, amp):
@@ -464,7 +466,7 @@ def generate(args, model, device, amp):
               titles=[f"{n} step" + "s" * (n > 1) for n in STEPS_ROWS])
     save_grid(torch.cat(sweep), os.path.join(args.out_dir, "cfg_sweep.png"), nrow=len(noise),
               titles=[f"cfg scale {s}" for s in SWEEP_SCALES])
-    frames = [Image.fromarray(to_uint8(make_grid(x, len(noise), padding=1, pad_value=1.0)[None])[0]) for x in traj]
+    frames = [save_grid(x.cpu(), None, nrow=len(noise)) for x in traj]  # every Euler step, drawn as the pictures are
     frames[0].save(os.path.join(args.out_dir, "trajectory.gif"), save_all=True, append_images=frames[1:], loop=0,
                    duration=[60] * (len(frames) - 1) + [1500])  # ms per frame; the finished digits stay 1.5 s
     if args.save_npz:

@@ -80,35 +80,35 @@ STEPS_ROWS = [1, 2, 4, 8, 16, 50]   # rows of steps.png: the same noise, integra
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Phase 4: text-to-image flow matching on CIFAR-10 with CLIP.",
-                                fromfile_prefix_chars="@")  # @FILE: more arguments, one per line
-    p.add_argument("--steps", type=number(int), default=STEPS, help="optimizer steps to train for")
-    p.add_argument("--max-minutes", type=number(float), help="stop training after this much wall time")
-    p.add_argument("--batch-size", type=number(int), default=BATCH_SIZE)
-    p.add_argument("--lr", type=number(float), default=LR, help="peak learning rate")
-    p.add_argument("--depth", type=number(int), default=DEPTH, help="model size: transformer blocks")
-    p.add_argument("--width", type=number(int), default=WIDTH, help=f"model size: token vector size ({HEADS} heads)")
-    p.add_argument("--prompt", action="append", help='what to draw (repeatable); default: "a photo of a {class}"')
-    p.add_argument("--num-samples", type=number(int), default=10, help="how many images of each prompt")
-    p.add_argument("--sample-steps", type=number(int), default=SAMPLE_STEPS, help="Euler steps from noise to data")
-    p.add_argument("--cfg-scale", type=number(float, 0, True), default=CFG_SCALE, help="guidance scale s (1 = off)")
-    p.add_argument("--resume", action="store_true", help="train <out-dir>/ckpt.pt further, up to --steps")
-    p.add_argument("--save-npz", metavar="PATH", type=npz_file, help="also save the samples as uint8 arrays")
-    p.add_argument("--clip-model", help=f"Hugging Face name or folder of a CLIP (default: {CLIP_MODEL})")
-    p.add_argument("--data-root", default="data", help="where CIFAR-10 is, or is downloaded to")
-    p.add_argument("--out-dir", default="out/phase4", help="checkpoint, pictures and metrics go here")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="bf16 autocast or fp32")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on "
-                   "CUDA only; --no-compile for old GPUs, or Windows without triton)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    parser = argparse.ArgumentParser(description="Phase 4: text-to-image flow matching on CIFAR-10 with CLIP.",
+                                     fromfile_prefix_chars="@")  # @FILE: more arguments, one per line
+    parser.add_argument("--steps", type=number(int), default=STEPS, help="optimizer steps to train for")
+    parser.add_argument("--max-minutes", type=number(float), help="stop training after this much wall time")
+    parser.add_argument("--batch-size", type=number(int), default=BATCH_SIZE)
+    parser.add_argument("--lr", type=number(float), default=LR, help="peak learning rate")
+    parser.add_argument("--depth", type=number(int), default=DEPTH, help="model size: transformer blocks")
+    parser.add_argument("--width", type=number(int), default=WIDTH, help=f"model size: token width ({HEADS} heads)")
+    parser.add_argument("--prompt", action="append", help='what to draw (repeatable); default: "a photo of a {class}"')
+    parser.add_argument("--num-samples", type=number(int), default=10, help="how many images of each prompt")
+    parser.add_argument("--sample-steps", type=number(int), default=SAMPLE_STEPS, help="Euler steps from noise to data")
+    parser.add_argument("--cfg-scale", type=number(float, 0, True), default=CFG_SCALE, help="CFG scale s (1 = off)")
+    parser.add_argument("--resume", action="store_true", help="train <out-dir>/ckpt.pt further, up to --steps")
+    parser.add_argument("--save-npz", metavar="PATH", type=npz_file, help="also save the samples as uint8 arrays")
+    parser.add_argument("--clip-model", help=f"Hugging Face name or folder of a CLIP (default: {CLIP_MODEL})")
+    parser.add_argument("--data-root", default="data", help="where CIFAR-10 is, or is downloaded to")
+    parser.add_argument("--out-dir", default="out/phase4", help="checkpoint, pictures and metrics go here")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="bf16 autocast or fp32")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on "
+                        "CUDA only; --no-compile for old GPUs, or Windows without triton)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
     if args.width % math.lcm(4, HEADS):
-        p.error(f"--width must be a multiple of {math.lcm(4, HEADS)} ({HEADS} heads; the 2-D position code splits it "
-                "in four)")
+        parser.error(f"--width must be a multiple of {math.lcm(4, HEADS)} ({HEADS} heads; the 2-D position code "
+                     "splits it in four)")
     args.prompt = args.prompt or [caption(WORDINGS[0], name) for name in CLASSES]
     if not all(prompt.strip() for prompt in args.prompt):
-        p.error('empty --prompt: say what to draw, e.g. --prompt "a photo of a dog"')
+        parser.error('empty --prompt: say what to draw, e.g. --prompt "a photo of a dog"')
     return args
 
 
@@ -312,7 +312,7 @@ class TextConditionalDiT(nn.Module):
     """patchify -> embed + 2-D positions -> blocks (adaLN from t and the prompt, cross-attention to its tokens)
     -> unpatchify."""
 
-    def __init__(self, image_shape=(3, 32, 32), patch_size=4, depth=6, width=192, heads=4, text_dim=512):
+    def __init__(self, image_shape, patch_size, depth, width, heads, text_dim):
         super().__init__()
         self.image_shape, self.patch_size = tuple(image_shape), patch_size
         C, H, W = self.image_shape
@@ -400,38 +400,38 @@ def euler_sample(velocity, noise, steps):
     return x, trajectory
 
 
-def guided_velocity(model, x, t, y, cfg_scale, table):
+def guided_velocity(model, x, t, ids, cfg_scale, table):
     """v_uncond + s * (v_cond - v_uncond), both predictions from ONE forward pass over a doubled batch.
 
-    y (B,) picks rows of the caption table = (text (K, L, Dt), mask (K, L)); its last row is "" (null)."""
+    ids (B,) picks rows of the caption table = (text (K, L, Dt), mask (K, L)); its last row is "" (null)."""
     text, mask = table
-    null = torch.full_like(y, len(text) - 1)
+    null = torch.full_like(ids, len(text) - 1)
     if cfg_scale == 1:
-        return model(x, t, text[y], mask[y])         # s = 1 is the conditional prediction: skip the other half
+        return model(x, t, text[ids], mask[ids])     # s = 1 is the conditional prediction: skip the other half
     if cfg_scale == 0:
         return model(x, t, text[null], mask[null])   # s = 0 is the unconditional prediction
-    both = torch.cat([y, null])
+    both = torch.cat([ids, null])
     v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), text[both], mask[both]).chunk(2)
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
-def sample_conditional(model, labels, cfg_scale, steps, noise, table):
-    """Euler sampling of images of the table rows labels (B,), guided with scale cfg_scale, from noise."""
-    return euler_sample(lambda x, t: guided_velocity(model, x, t, labels, cfg_scale, table), noise, steps)
+def sample_conditional(model, ids, cfg_scale, steps, noise, table):
+    """Euler sampling of images of the table rows ids (B,), guided with scale cfg_scale, from noise."""
+    return euler_sample(lambda x, t: guided_velocity(model, x, t, ids, cfg_scale, table), noise, steps)
 
 
 def sample_text_conditional(model, table, per_prompt, cfg_scale, steps, gen):
-    """per_prompt images of each prompt in the caption table = (text, mask) (its last row is the empty
-    prompt), prompt by prompt (a row each in the grid), and their prompt indices. The noise comes from the CPU
+    """per_prompt images of each prompt in the caption table = (text, mask) (its last row is the empty prompt),
+    prompt by prompt (a row each in the grid), and their rows of the table (ids). The noise comes from the CPU
     generator gen (the same images on every device), in chunks of 500 (10,000 samples fit in a laptop's memory)."""
-    labels, images = torch.arange(len(table[0]) - 1).repeat_interleave(per_prompt), []
-    for chunk in labels.split(500):
+    ids, images = torch.arange(len(table[0]) - 1).repeat_interleave(per_prompt), []
+    for chunk in ids.split(500):
         noise = torch.randn(len(chunk), *IMAGE_SHAPE, generator=gen).to(model.pos_embed.device)
         images.append(sample_conditional(model, chunk.to(noise.device), cfg_scale, steps, noise, table)[0].cpu())
-    return torch.cat(images), labels
+    return torch.cat(images), ids
 
 
-def sample_with_attention(model, labels, cfg_scale, steps, noise, table, times):
+def sample_with_attention(model, ids, cfg_scale, steps, noise, table, times):
     """sample_conditional, with every cross-attention keeping its probabilities. Returns the images, the trajectory
     and, at the Euler steps nearest to `times`, {t: (B, N, L)}: the share of each patch's attention that went to
     each token, mean over heads and blocks, of the conditional half (the other half reads only the empty prompt)."""
@@ -441,7 +441,7 @@ def sample_with_attention(model, labels, cfg_scale, steps, noise, table, times):
 
     def velocity(x, t):
         records.clear()
-        v = guided_velocity(model, x, t, labels, cfg_scale, table)
+        v = guided_velocity(model, x, t, ids, cfg_scale, table)
         if round(t[0].item() * steps) in keep:
             maps[t[0].item()] = torch.stack(records).mean(0)[:len(x)].float()
         return v
@@ -511,9 +511,9 @@ def train(args, model, ema, opt, data, amp, step, save, trainer):
     """Train until --steps or --max-minutes; `save(step)` checkpoints periodically, at the end and on Ctrl-C."""
 
     def batch_loss():  # a random batch through the model: the lines of this loop that the later phases change
-        x1, y = data.random_batch(args.batch_size, flip=True)  # mirrored photos are photos too
+        x1, labels = data.random_batch(args.batch_size, flip=True)  # mirrored photos are photos too
         with amp:  # forward pass in bf16 where it is fast (see common.autocast); the loss in fp32
-            return trainer.loss(model, x1, y)
+            return trainer.loss(model, x1, labels)
 
     params, ema_params = list(model.parameters()), list(ema.parameters())
     n_params = sum(p.numel() for p in params)
@@ -578,8 +578,8 @@ def to_uint8(x):
 
 
 def save_grid(images, path, nrow, titles=()):
-    """Save a grid of [-1, 1] images, small ones drawn 2x (28 and 32 pixels: 56 and 64); with titles, a white strip
-    on the left gives each row its text."""
+    """A grid of [-1, 1] images, small ones drawn 2x (28 and 32 pixels: 56 and 64), saved to path (if given) and
+    returned; with titles, a white strip on the left gives each row its text."""
     images = F.interpolate(images, scale_factor=max(1, 64 // images.shape[-1]))        # nearest: sharp pixels
     grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
     titles = [" ".join(title.split()) for title in titles]  # one line each, whatever a prompt held
@@ -588,9 +588,11 @@ def save_grid(images, path, nrow, titles=()):
     canvas = Image.new("RGB", (strip_w + grid.shape[2], grid.shape[1]), "white")
     canvas.paste(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()), (strip_w, 0))
     for i, title in enumerate(titles):  # in the middle of its row
-        y = (i + 0.5) * (grid.shape[1] - 1) / len(titles) - 8
-        ImageDraw.Draw(canvas).text((4, y), title, fill="black", font=font)
-    canvas.save(path)
+        top = (i + 0.5) * (grid.shape[1] - 1) / len(titles) - 8
+        ImageDraw.Draw(canvas).text((4, top), title, fill="black", font=font)
+    if path:
+        canvas.save(path)
+    return canvas
 
 
 def save_attention(path, images, trajectory, maps, prompts, words):
@@ -598,15 +600,15 @@ def save_attention(path, images, trajectory, maps, prompts, words):
     (the words and CLIP's start and end tokens; padding left out): where the patches read that token at each t
     (white = the most that token gets), and, beside the token, its share of all the attention, averaged."""
     steps, tiles, titles = len(trajectory) - 1, [], []
-    for p, tokens in enumerate(words):
-        weights = torch.stack([m[p, :, :len(tokens)] for m in maps.values()]).cpu()  # (T, N patches, tokens)
+    for k, tokens in enumerate(words):
+        weights = torch.stack([m[k, :, :len(tokens)] for m in maps.values()]).cpu()  # (T, N patches, tokens)
         side = math.isqrt(weights.shape[1])                                          # the patch grid's side
         heat = F.interpolate(weights.transpose(1, 2).unflatten(2, (side, side)), size=images.shape[-2:])
         heat = (heat / heat.amax(dim=(0, 2, 3), keepdim=True) * 2 - 1)[:, :, None]  # (T, tokens, 1, H, W)
-        tiles += [trajectory[round(t * steps)][p].cpu() for t in maps] + [images[p].cpu()]
+        tiles += [trajectory[round(t * steps)][k].cpu() for t in maps] + [images[k].cpu()]
         for j in range(len(tokens)):
-            tiles += [heat[i, j].expand_as(images[p]) for i in range(len(maps))] + [torch.ones_like(tiles[-1])]
-        titles += [prompts[p]] + [f"{w}  {share:.0%}" for w, share in zip(tokens, weights.mean((0, 1)))]
+            tiles += [heat[i, j].expand_as(images[k]) for i in range(len(maps))] + [torch.ones_like(tiles[-1])]
+        titles += [prompts[k]] + [f"{w}  {share:.0%}" for w, share in zip(tokens, weights.mean((0, 1)))]
     save_grid(torch.stack(tiles), path, nrow=len(maps) + 1, titles=titles)
 
 
@@ -629,7 +631,7 @@ def generate(args, model, table, words, device, amp):
     attention.png and (optionally) the npz. `words`: each prompt's tokens, for attention.png."""
     gen, t0 = torch.Generator().manual_seed(args.seed), time.time()
     with amp:  # x stays fp32: x + dt * v promotes the bf16 velocity
-        images, labels = sample_text_conditional(model, table, args.num_samples, args.cfg_scale, args.sample_steps,
+        images, ids = sample_text_conditional(model, table, args.num_samples, args.cfg_scale, args.sample_steps,
                                                  gen)
     seconds = time.time() - t0
     cols = min(args.num_samples, 10)  # grid: one row per prompt, up to 10 samples each
@@ -638,7 +640,7 @@ def generate(args, model, table, words, device, amp):
     # Five more pictures, from one noise per prompt: how noise becomes a picture (a strip of 9 moments and an
     # animation of every step), what the same noise gives with fewer Euler steps (straight paths need few), what
     # the guidance scale does, and which words each patch reads (the attention of the run that drew the strip).
-    rows = labels[::args.num_samples].to(device)
+    rows = ids[::args.num_samples].to(device)  # one per prompt
     noise = torch.randn(len(args.prompt), *IMAGE_SHAPE, generator=gen).to(device)
     with amp:
         x, traj, maps = sample_with_attention(model, rows, args.cfg_scale, args.sample_steps, noise, table,
@@ -653,12 +655,12 @@ def generate(args, model, table, words, device, amp):
     save_grid(torch.cat(sweep), os.path.join(args.out_dir, "cfg_sweep.png"), nrow=len(noise),
               titles=[f"cfg scale {s}" for s in SWEEP_SCALES])
     save_attention(os.path.join(args.out_dir, "attention.png"), x, traj, maps, args.prompt, words)
-    frames = [Image.fromarray(to_uint8(make_grid(x, len(noise), padding=1, pad_value=1.0)[None])[0]) for x in traj]
+    frames = [save_grid(x.cpu(), None, nrow=len(noise)) for x in traj]  # every Euler step, drawn as the pictures are
     frames[0].save(os.path.join(args.out_dir, "trajectory.gif"), save_all=True, append_images=frames[1:], loop=0,
                    duration=[60] * (len(frames) - 1) + [1500])  # ms per frame; the finished pictures stay 1.5 s
     if args.save_npz:  # the class each prompt names (-1: none), so that an evaluation can check it
         named = np.array([class_of_prompt(prompt, CLASSES) for prompt in args.prompt])
-        arrays = {"images": to_uint8(images), "labels": named[labels.numpy()]}
+        arrays = {"images": to_uint8(images), "labels": named[ids.numpy()]}
         atomic_write(args.save_npz, lambda f: np.savez_compressed(f, **arrays))
     print(f"sampled {len(images)} images in {seconds:.1f}s ({args.sample_steps} Euler steps, CFG scale "
           f"{args.cfg_scale:g}) -> {args.out_dir}" + (f" and {args.save_npz}" if args.save_npz else ""), flush=True)
@@ -735,7 +737,7 @@ def main(argv=None):
             save_grid(torch.cat([x for _, x in progress]), os.path.join(args.out_dir, "progress.png"), nrow=8,
                       titles=[f"step {s}" for s, _ in progress])
         metrics = train(args, model, ema, opt, data, amp, step, save, trainer)
-    metrics.update(generate(args, ema, table, [encoder.words(p) for p in args.prompt], device, amp))
+    metrics.update(generate(args, ema, table, [encoder.words(prompt) for prompt in args.prompt], device, amp))
     if training:  # sampling again never rewrites the training run's metrics
         with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
             json.dump({"config": config, **metrics}, f, indent=2)

@@ -22,6 +22,7 @@ Run:
 """
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -88,36 +89,36 @@ STEPS_ROWS = [1, 2, 4, 8, 16, 50]   # rows of steps.png: the same noise, integra
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Phase 5: latent text-to-image flow matching on Flowers-102.",
-                                fromfile_prefix_chars="@")  # @FILE: more arguments, one per line
-    p.add_argument("--data", default=DATASET, help="'flowers102' or a folder of your own (one sub-folder per class)")
-    p.add_argument("--vae-steps", type=number(int), default=VAE_STEPS, help="stage 1: VAE optimizer steps")
-    p.add_argument("--steps", type=number(int), default=STEPS, help="stage 2: flow optimizer steps")
-    p.add_argument("--max-minutes", type=number(float), help="stop training the flow after this much wall time")
-    p.add_argument("--batch-size", type=number(int), default=BATCH_SIZE)
-    p.add_argument("--lr", type=number(float), default=LR, help="peak learning rate")
-    p.add_argument("--depth", type=number(int), default=DEPTH, help="model size: transformer blocks")
-    p.add_argument("--width", type=number(int), default=WIDTH, help=f"model size: token vector size ({HEADS} heads)")
-    p.add_argument("--prompt", action="append", help='what to draw (repeatable); default: "a photo of a {class}"')
-    p.add_argument("--num-samples", type=number(int), default=10, help="how many images of each prompt")
-    p.add_argument("--sample-steps", type=number(int), default=SAMPLE_STEPS, help="Euler steps from noise to data")
-    p.add_argument("--cfg-scale", type=number(float, 0, True), default=CFG_SCALE, help="guidance scale s (1 = off)")
-    p.add_argument("--resume", action="store_true", help="train <out-dir>/ckpt.pt further, up to --steps")
-    p.add_argument("--save-npz", metavar="PATH", type=npz_file, help="also save the samples as uint8 arrays")
-    p.add_argument("--clip-model", help=f"Hugging Face name or folder of a CLIP (default: {CLIP_MODEL})")
-    p.add_argument("--data-root", default="data", help="where Flowers-102 is, or is downloaded to")
-    p.add_argument("--out-dir", default="out/phase5", help="checkpoint, pictures and metrics go here")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="bf16 autocast or fp32")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on "
-                   "CUDA only; --no-compile for old GPUs, or Windows without triton)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    parser = argparse.ArgumentParser(description="Phase 5: latent text-to-image flow matching on Flowers-102.",
+                                     fromfile_prefix_chars="@")  # @FILE: more arguments, one per line
+    parser.add_argument("--data", default=DATASET, help="'flowers102' or a folder of your own (a sub-folder per class)")
+    parser.add_argument("--vae-steps", type=number(int), default=VAE_STEPS, help="stage 1: VAE optimizer steps")
+    parser.add_argument("--steps", type=number(int), default=STEPS, help="stage 2: flow optimizer steps")
+    parser.add_argument("--max-minutes", type=number(float), help="stop training the flow after this much wall time")
+    parser.add_argument("--batch-size", type=number(int), default=BATCH_SIZE)
+    parser.add_argument("--lr", type=number(float), default=LR, help="peak learning rate")
+    parser.add_argument("--depth", type=number(int), default=DEPTH, help="model size: transformer blocks")
+    parser.add_argument("--width", type=number(int), default=WIDTH, help=f"model size: token width ({HEADS} heads)")
+    parser.add_argument("--prompt", action="append", help='what to draw (repeatable); default: "a photo of a {class}"')
+    parser.add_argument("--num-samples", type=number(int), default=10, help="how many images of each prompt")
+    parser.add_argument("--sample-steps", type=number(int), default=SAMPLE_STEPS, help="Euler steps from noise to data")
+    parser.add_argument("--cfg-scale", type=number(float, 0, True), default=CFG_SCALE, help="CFG scale s (1 = off)")
+    parser.add_argument("--resume", action="store_true", help="train <out-dir>/ckpt.pt further, up to --steps")
+    parser.add_argument("--save-npz", metavar="PATH", type=npz_file, help="also save the samples as uint8 arrays")
+    parser.add_argument("--clip-model", help=f"Hugging Face name or folder of a CLIP (default: {CLIP_MODEL})")
+    parser.add_argument("--data-root", default="data", help="where Flowers-102 is, or is downloaded to")
+    parser.add_argument("--out-dir", default="out/phase5", help="checkpoint, pictures and metrics go here")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="bf16 autocast or fp32")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on "
+                        "CUDA only; --no-compile for old GPUs, or Windows without triton)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
     if args.width % math.lcm(4, HEADS):
-        p.error(f"--width must be a multiple of {math.lcm(4, HEADS)} ({HEADS} heads; the 2-D position code splits it "
-                "in four)")
+        parser.error(f"--width must be a multiple of {math.lcm(4, HEADS)} ({HEADS} heads; the 2-D position code "
+                     "splits it in four)")
     if not all(prompt.strip() for prompt in args.prompt or ["ok"]):
-        p.error('empty --prompt: say what to draw, e.g. --prompt "a photo of a dog"')
+        parser.error('empty --prompt: say what to draw, e.g. --prompt "a photo of a dog"')
     return args
 
 
@@ -141,7 +142,7 @@ class VAE(nn.Module):
     pixel still covers only 4x4 image pixels. At 8x8x4 (48x fewer; Stable Diffusion's 8x per side, but on 512px
     images) a whole flower would be a few latent pixels wide, and a small VAE would have to invent its detail."""
 
-    def __init__(self, width=32, latent_channels=LATENT_SHAPE[0]):
+    def __init__(self, width, latent_channels):
         super().__init__()
         c1, c2 = width, 2 * width
         self.encoder = nn.Sequential(
@@ -416,7 +417,7 @@ class TextConditionalDiT(nn.Module):
     """patchify -> embed + 2-D positions -> blocks (adaLN from t and the prompt, cross-attention to its tokens)
     -> unpatchify."""
 
-    def __init__(self, image_shape=(4, 16, 16), patch_size=2, depth=6, width=192, heads=4, text_dim=512):
+    def __init__(self, image_shape, patch_size, depth, width, heads, text_dim):
         super().__init__()
         self.image_shape, self.patch_size = tuple(image_shape), patch_size
         C, H, W = self.image_shape
@@ -505,38 +506,38 @@ def euler_sample(velocity, noise, steps):
     return x, trajectory
 
 
-def guided_velocity(model, x, t, y, cfg_scale, table):
+def guided_velocity(model, x, t, ids, cfg_scale, table):
     """v_uncond + s * (v_cond - v_uncond), both predictions from ONE forward pass over a doubled batch.
 
-    y (B,) picks rows of the caption table = (text (K, L, Dt), mask (K, L)); its last row is "" (null)."""
+    ids (B,) picks rows of the caption table = (text (K, L, Dt), mask (K, L)); its last row is "" (null)."""
     text, mask = table
-    null = torch.full_like(y, len(text) - 1)
+    null = torch.full_like(ids, len(text) - 1)
     if cfg_scale == 1:
-        return model(x, t, text[y], mask[y])         # s = 1 is the conditional prediction: skip the other half
+        return model(x, t, text[ids], mask[ids])     # s = 1 is the conditional prediction: skip the other half
     if cfg_scale == 0:
         return model(x, t, text[null], mask[null])   # s = 0 is the unconditional prediction
-    both = torch.cat([y, null])
+    both = torch.cat([ids, null])
     v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), text[both], mask[both]).chunk(2)
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
-def sample_conditional(model, labels, cfg_scale, steps, noise, table):
-    """Euler sampling of images of the table rows labels (B,), guided with scale cfg_scale, from noise."""
-    return euler_sample(lambda x, t: guided_velocity(model, x, t, labels, cfg_scale, table), noise, steps)
+def sample_conditional(model, ids, cfg_scale, steps, noise, table):
+    """Euler sampling of images of the table rows ids (B,), guided with scale cfg_scale, from noise."""
+    return euler_sample(lambda x, t: guided_velocity(model, x, t, ids, cfg_scale, table), noise, steps)
 
 
 def sample_text_conditional(model, table, per_prompt, cfg_scale, steps, gen):
-    """per_prompt images of each prompt in the caption table = (text, mask) (its last row is the empty
-    prompt), prompt by prompt (a row each in the grid), and their prompt indices. The noise comes from the CPU
+    """per_prompt images of each prompt in the caption table = (text, mask) (its last row is the empty prompt),
+    prompt by prompt (a row each in the grid), and their rows of the table (ids). The noise comes from the CPU
     generator gen (the same images on every device), in chunks of 500 (10,000 samples fit in a laptop's memory)."""
-    labels, images = torch.arange(len(table[0]) - 1).repeat_interleave(per_prompt), []
-    for chunk in labels.split(500):
+    ids, images = torch.arange(len(table[0]) - 1).repeat_interleave(per_prompt), []
+    for chunk in ids.split(500):
         noise = torch.randn(len(chunk), *LATENT_SHAPE, generator=gen).to(model.pos_embed.device)
         images.append(sample_conditional(model, chunk.to(noise.device), cfg_scale, steps, noise, table)[0].cpu())
-    return torch.cat(images), labels
+    return torch.cat(images), ids
 
 
-def sample_with_attention(model, labels, cfg_scale, steps, noise, table, times):
+def sample_with_attention(model, ids, cfg_scale, steps, noise, table, times):
     """sample_conditional, with every cross-attention keeping its probabilities. Returns the images, the trajectory
     and, at the Euler steps nearest to `times`, {t: (B, N, L)}: the share of each patch's attention that went to
     each token, mean over heads and blocks, of the conditional half (the other half reads only the empty prompt)."""
@@ -546,7 +547,7 @@ def sample_with_attention(model, labels, cfg_scale, steps, noise, table, times):
 
     def velocity(x, t):
         records.clear()
-        v = guided_velocity(model, x, t, labels, cfg_scale, table)
+        v = guided_velocity(model, x, t, ids, cfg_scale, table)
         if round(t[0].item() * steps) in keep:
             maps[t[0].item()] = torch.stack(records).mean(0)[:len(x)].float()
         return v
@@ -616,9 +617,9 @@ def train(args, model, ema, opt, data, amp, step, save, trainer):
     """Train until --steps or --max-minutes; `save(step)` checkpoints periodically, at the end and on Ctrl-C."""
 
     def batch_loss():  # a random batch through the model: the lines of this loop that the later phases change
-        x1, y = data.random_batch(args.batch_size, flip=True)  # mirrored photos are photos too
+        x1, labels = data.random_batch(args.batch_size, flip=True)  # mirrored photos are photos too
         with amp:  # forward pass in bf16 where it is fast (see common.autocast); the loss in fp32
-            return trainer.loss(model, x1, y)
+            return trainer.loss(model, x1, labels)
 
     params, ema_params = list(model.parameters()), list(ema.parameters())
     n_params = sum(p.numel() for p in params)
@@ -683,8 +684,8 @@ def to_uint8(x):
 
 
 def save_grid(images, path, nrow, titles=()):
-    """Save a grid of [-1, 1] images, small ones drawn 2x (28 and 32 pixels: 56 and 64); with titles, a white strip
-    on the left gives each row its text."""
+    """A grid of [-1, 1] images, small ones drawn 2x (28 and 32 pixels: 56 and 64), saved to path (if given) and
+    returned; with titles, a white strip on the left gives each row its text."""
     images = F.interpolate(images, scale_factor=max(1, 64 // images.shape[-1]))        # nearest: sharp pixels
     grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)
     titles = [" ".join(title.split()) for title in titles]  # one line each, whatever a prompt held
@@ -693,9 +694,11 @@ def save_grid(images, path, nrow, titles=()):
     canvas = Image.new("RGB", (strip_w + grid.shape[2], grid.shape[1]), "white")
     canvas.paste(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()), (strip_w, 0))
     for i, title in enumerate(titles):  # in the middle of its row
-        y = (i + 0.5) * (grid.shape[1] - 1) / len(titles) - 8
-        ImageDraw.Draw(canvas).text((4, y), title, fill="black", font=font)
-    canvas.save(path)
+        top = (i + 0.5) * (grid.shape[1] - 1) / len(titles) - 8
+        ImageDraw.Draw(canvas).text((4, top), title, fill="black", font=font)
+    if path:
+        canvas.save(path)
+    return canvas
 
 
 def save_attention(path, images, trajectory, maps, prompts, words):
@@ -703,15 +706,15 @@ def save_attention(path, images, trajectory, maps, prompts, words):
     (the words and CLIP's start and end tokens; padding left out): where the patches read that token at each t
     (white = the most that token gets), and, beside the token, its share of all the attention, averaged."""
     steps, tiles, titles = len(trajectory) - 1, [], []
-    for p, tokens in enumerate(words):
-        weights = torch.stack([m[p, :, :len(tokens)] for m in maps.values()]).cpu()  # (T, N patches, tokens)
+    for k, tokens in enumerate(words):
+        weights = torch.stack([m[k, :, :len(tokens)] for m in maps.values()]).cpu()  # (T, N patches, tokens)
         side = math.isqrt(weights.shape[1])                                          # the patch grid's side
         heat = F.interpolate(weights.transpose(1, 2).unflatten(2, (side, side)), size=images.shape[-2:])
         heat = (heat / heat.amax(dim=(0, 2, 3), keepdim=True) * 2 - 1)[:, :, None]  # (T, tokens, 1, H, W)
-        tiles += [trajectory[round(t * steps)][p].cpu() for t in maps] + [images[p].cpu()]
+        tiles += [trajectory[round(t * steps)][k].cpu() for t in maps] + [images[k].cpu()]
         for j in range(len(tokens)):
-            tiles += [heat[i, j].expand_as(images[p]) for i in range(len(maps))] + [torch.ones_like(tiles[-1])]
-        titles += [prompts[p]] + [f"{w}  {share:.0%}" for w, share in zip(tokens, weights.mean((0, 1)))]
+            tiles += [heat[i, j].expand_as(images[k]) for i in range(len(maps))] + [torch.ones_like(tiles[-1])]
+        titles += [prompts[k]] + [f"{w}  {share:.0%}" for w, share in zip(tokens, weights.mean((0, 1)))]
     save_grid(torch.stack(tiles), path, nrow=len(maps) + 1, titles=titles)
 
 
@@ -754,7 +757,7 @@ def generate(args, model, table, words, vae, config, device, amp):
     attention.png and (optionally) the npz. `words`: each prompt's tokens, for attention.png."""
     gen, t0 = torch.Generator().manual_seed(args.seed), time.time()
     with amp:  # x stays fp32: x + dt * v promotes the bf16 velocity
-        latents, labels = sample_text_conditional(model, table, args.num_samples, args.cfg_scale,
+        latents, ids = sample_text_conditional(model, table, args.num_samples, args.cfg_scale,
                                                   args.sample_steps, gen)
         images = decode(vae, latents.to(device), config["latent_scale"]).cpu()   # latents -> pictures
     seconds = time.time() - t0
@@ -764,7 +767,7 @@ def generate(args, model, table, words, vae, config, device, amp):
     # Five more pictures, from one noise per prompt: how noise becomes a picture (a strip of 9 moments and an
     # animation of every step), what the same noise gives with fewer Euler steps (straight paths need few), what
     # the guidance scale does, and which words each patch reads (the attention of the run that drew the strip).
-    rows = labels[::args.num_samples].to(device)
+    rows = ids[::args.num_samples].to(device)  # one per prompt
     noise = torch.randn(len(args.prompt), *LATENT_SHAPE, generator=gen).to(device)
     with amp:
         x, traj, maps = sample_with_attention(model, rows, args.cfg_scale, args.sample_steps, noise, table,
@@ -781,12 +784,12 @@ def generate(args, model, table, words, vae, config, device, amp):
     save_grid(torch.cat(sweep), os.path.join(args.out_dir, "cfg_sweep.png"), nrow=len(noise),
               titles=[f"cfg scale {s}" for s in SWEEP_SCALES])
     save_attention(os.path.join(args.out_dir, "attention.png"), x, traj, maps, args.prompt, words)
-    frames = [Image.fromarray(to_uint8(make_grid(x, len(noise), padding=1, pad_value=1.0)[None])[0]) for x in traj]
+    frames = [save_grid(x.cpu(), None, nrow=len(noise)) for x in traj]  # every Euler step, drawn as the pictures are
     frames[0].save(os.path.join(args.out_dir, "trajectory.gif"), save_all=True, append_images=frames[1:], loop=0,
                    duration=[60] * (len(frames) - 1) + [1500])  # ms per frame; the finished pictures stay 1.5 s
     if args.save_npz:  # the class each prompt names (-1: none), so that an evaluation can check it
         named = np.array([class_of_prompt(prompt, config["classes"]) for prompt in args.prompt])
-        arrays = {"images": to_uint8(images), "labels": named[labels.numpy()]}
+        arrays = {"images": to_uint8(images), "labels": named[ids.numpy()]}
         atomic_write(args.save_npz, lambda f: np.savez_compressed(f, **arrays))
     print(f"sampled {len(images)} images in {seconds:.1f}s ({args.sample_steps} Euler steps, CFG scale "
           f"{args.cfg_scale:g}) -> {args.out_dir}" + (f" and {args.save_npz}" if args.save_npz else ""), flush=True)
@@ -829,6 +832,42 @@ def setup_torchrun(args, device):
     return device, first
 
 
+def vae_stage(args, vae_path, flow_exists, data, data_name, device, amp, first, wrap, compile_now):
+    """Stage 1, the VAE (vae.pt): trained up to --vae-steps before any flow is trained on it (a stopped one goes on
+    from where it stopped, with the same command); once a flow depends on it, it stays as it is. data(): the
+    images, when needed. Returns the VAE's EMA (which encodes and decodes), its step and its metrics."""
+    vae = VAE(VAE_WIDTH, LATENT_SHAPE[0]).to(device)
+    vae_ema = copy.deepcopy(vae).requires_grad_(False)
+    vae_opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
+    state = load_checkpoint(vae_path, device) if os.path.exists(vae_path) else {"step": 0, "config": {}}
+    if os.path.exists(vae_path):
+        restore(vae_path, state, {"model": vae, "ema": vae_ema, "opt": vae_opt})
+    config, step = state["config"], state["step"]   # config: what it trains on, and how long
+    config["steps"] = args.vae_steps if args.resume or not step else config.get("steps", step)
+    if flow_exists and step == 0:
+        fail(f"the flow in {args.out_dir} has no trained VAE beside it ({vae_path}): use another --out-dir")
+    if compile_now:
+        for module in (vae, vae_ema):  # in place: the weights, and so the checkpoints, stay as they are
+            module.compile()
+    if flow_exists or step >= config["steps"]:
+        return vae_ema, step, {}
+    print("stage 1: the VAE", flush=True)
+    everything, train_data, holdout = data()
+    check_same_data(config, everything, data_name, vae_path)
+    vae_args = argparse.Namespace(**{**vars(args), "steps": config["steps"], "batch_size": VAE_BATCH_SIZE,
+                                     "lr": VAE_LR, "max_minutes": None})  # the flow's loop, the VAE's settings
+    save = lambda s: first and save_checkpoint(vae_path, vae, vae_ema, vae_opt, s, config, {})  # noqa: E731
+    metrics = {"vae": train(vae_args, wrap(vae), vae_ema, vae_opt, train_data, amp, step, save, VAETrainer())}
+    step = metrics["vae"]["steps"]
+    if step < config["steps"]:  # Ctrl-C: stop here rather than train a flow on a half-trained VAE
+        raise SystemExit(f"the VAE is saved at step {step}; the same command goes on from there")
+    if first:
+        metrics["vae_psnr_db"] = round(psnr_db(vae_ema, holdout), 2)
+        save_vae_pictures(args, vae_ema, holdout)
+        print(f"VAE (step {step}): held-out reconstruction PSNR {metrics['vae_psnr_db']} dB", flush=True)
+    return vae_ema, step, metrics
+
+
 def main(argv=None):
     args = get_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill (a cluster's preemption) saves like Ctrl-C
@@ -845,59 +884,35 @@ def main(argv=None):
     if state is None and args.resume and not os.path.exists(vae_path):
         fail(f"no checkpoint at {ckpt_path} to resume: train first (without --resume), or fix --out-dir")
     training = state is None or (args.resume and state["step"] < args.steps)
-
-    # Stage 1, the VAE: trained up to --vae-steps before any flow is trained on it (a stopped one goes on from where
-    # it stopped); once a flow depends on it, it stays as it is.
-    vae = VAE(VAE_WIDTH).to(device)
-    vae_ema = copy.deepcopy(vae).requires_grad_(False)  # encodes and decodes, like the flow's EMA samples
-    vae_opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
-    vae_state = load_checkpoint(vae_path, device) if os.path.exists(vae_path) else {"step": 0, "config": {}}
-    if os.path.exists(vae_path):
-        restore(vae_path, vae_state, {"model": vae, "ema": vae_ema, "opt": vae_opt})
-    vae_config, vae_step = vae_state["config"], vae_state["step"]   # config: what it trains on, and how long
-    vae_config["steps"] = args.vae_steps if args.resume or not vae_step else vae_config.get("steps", vae_step)
-    train_vae_now = state is None and vae_step < vae_config["steps"]
-    if state is not None and vae_step == 0:
-        fail(f"{ckpt_path} has no trained VAE beside it ({vae_path}): use another --out-dir")
     compile_now = args.compile if args.compile is not None else COMPILE and device.type == "cuda"
-    if compile_now:
-        for module in (vae, vae_ema):  # in place: the weights, and so the checkpoints, stay as they are
-            module.compile()
-    metrics = {}
-    if training or train_vae_now:  # the whole dataset as one uint8 tensor; a fixed held-out set for the PSNR
-        data = load_dataset(args.data, args.data_root, image_size=IMAGE_SIZE).to(device)
-        if len(data.images) < 10:
-            fail(f"{args.data}: {len(data.images)} images; at least 10 are needed (a tenth is held out for the VAE)")
-        train_data, holdout = split_holdout(data)
-        data_name = args.data if args.data == "flowers102" else os.path.abspath(args.data)
-    if train_vae_now:  # the same training loop as the flow's, with the VAE's own settings
-        print("stage 1: the VAE", flush=True)
-        check_same_data(vae_config, data, data_name, vae_path)
-        vae_args = argparse.Namespace(**{**vars(args), "steps": vae_config["steps"], "batch_size": VAE_BATCH_SIZE,
-                                         "lr": VAE_LR, "max_minutes": None})
-        save = lambda s: first and save_checkpoint(vae_path, vae, vae_ema, vae_opt, s, vae_config, {})  # noqa: E731
-        metrics["vae"] = train(vae_args, wrap(vae), vae_ema, vae_opt, train_data, amp, vae_step, save, VAETrainer())
-        vae_step = metrics["vae"]["steps"]
-        if vae_step < vae_config["steps"]:  # Ctrl-C: stop here rather than train a flow on a half-trained VAE
-            raise SystemExit(f"the VAE is saved at step {vae_step}; the same command goes on from there")
-        if first:
-            metrics["vae_psnr_db"] = round(psnr_db(vae_ema, holdout), 2)
-            save_vae_pictures(args, vae_ema, holdout)
-            print(f"VAE (step {vae_step}): held-out reconstruction PSNR {metrics['vae_psnr_db']} dB", flush=True)
+
+    @functools.cache  # loaded once, by the first stage that needs it
+    def data():  # the whole dataset as one uint8 tensor, and its split: training images, a fixed held-out set
+        everything = load_dataset(args.data, args.data_root, image_size=IMAGE_SIZE).to(device)
+        if len(everything.images) < 10:
+            fail(f"{args.data}: {len(everything.images)} images; at least 10 are needed (a tenth is held out for the "
+                 "VAE)")
+        return everything, *split_holdout(everything)
+    data_name = args.data if args.data == "flowers102" else os.path.abspath(args.data)
+
+    vae, vae_step, vae_metrics = vae_stage(args, vae_path, state is not None, data, data_name, device, amp, first, wrap,
+                                       compile_now)
+    metrics = dict(vae_metrics)
 
     # Stage 2, the flow: the text-conditional DiT of phase 4, on latents.
     config = state["config"] if state else {"patch_size": PATCH_SIZE, "depth": args.depth, "width": args.width,
                                             "heads": HEADS, "vae_step": vae_step,
-                                            "classes": data.classes}  # a checkpoint rebuilds the model it trained
+                                            "classes": data()[0].classes}  # a checkpoint rebuilds the model it trained
     if config.get("vae_step", vae_step) != vae_step:
         fail(f"{ckpt_path} was trained on the latents of the VAE at step {config['vae_step']}, not {vae_step}")
     # Encode once: every training image (and its mirror) becomes a latent, scaled to unit variance like the noise
     # it is matched with (Stable Diffusion's 0.18215 is this number, for its VAE).
     if training:
-        check_same_data(config, data, data_name, ckpt_path)
-        latents, labels = encode_dataset(vae_ema, train_data)
+        everything, train_data, _ = data()
+        check_same_data(config, everything, data_name, ckpt_path)
+        latents, labels = encode_dataset(vae, train_data)
         scale = config.setdefault("latent_scale", float(1 / latents.std()))
-        latents = LatentData(latents * scale, labels, data.classes)
+        latents = LatentData(latents * scale, labels, train_data.classes)
     clip_name = args.clip_model or config.get("clip_model", CLIP_MODEL)  # --clip-model on the command line wins
     encoder = CLIPTextEncoder(clip_name, device)
     names = [name for name in FLOWERS if name in config["classes"]] or config["classes"][:8]
@@ -945,7 +960,7 @@ def main(argv=None):
             with amp:
                 x, _ = sample_conditional(ema, trainer.first[first8], args.cfg_scale, args.sample_steps, noise,
                                           (trainer.text, trainer.mask))
-            row = (s, decode(vae_ema, x, config["latent_scale"]).cpu())
+            row = (s, decode(vae, x, config["latent_scale"]).cpu())
             save_checkpoint(ckpt_path, model, ema, opt, s, config, {"progress": progress + [row]})
             progress.append(row)  # the picture shows only what is on disk
             save_grid(torch.cat([x for _, x in progress]), os.path.join(args.out_dir, "progress.png"), nrow=8,
@@ -955,9 +970,9 @@ def main(argv=None):
         dist.destroy_process_group()
         if not first:
             return
-    metrics.update(generate(args, ema, table, [encoder.words(p) for p in args.prompt], vae_ema, config, device,
+    metrics.update(generate(args, ema, table, [encoder.words(prompt) for prompt in args.prompt], vae, config, device,
                             amp))
-    if training or train_vae_now:  # sampling again never rewrites the training run's metrics
+    if training or vae_metrics:  # sampling again never rewrites the training run's metrics
         with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
             json.dump({"config": config, **metrics}, f, indent=2)
 

@@ -93,7 +93,7 @@ def test_time_embedding_really_varies_over_unit_interval():
 
 
 def test_unet_output_shape_and_starts_at_zero():
-    model = p1.UNet(width=16)
+    model = p1.UNet(1, 16)
     x, t = torch.randn(5, 1, 28, 28), torch.rand(5)
     v = model(x, t)
     assert v.shape == x.shape and torch.all(v == 0)  # zero-initialised head
@@ -110,6 +110,7 @@ def test_cli_trains_and_writes_everything(tmp_path, mnist_root):
     assert not (out / "ckpt.pt.tmp").exists()
     with Image.open(out / "trajectory.gif") as gif:  # one frame per Euler step, and the noise it starts from
         assert gif.n_frames == 4 + 1
+        assert gif.size == (8 * 57 + 1, 58)  # 8 digits drawn 2x in a row, as in the pictures
     with Image.open(out / "steps.png") as steps:    # one 56-pixel row (28 drawn 2x) and its 1-pixel gap per step count
         assert steps.height == len(p1.STEPS_ROWS) * 57 + 1
     npz = np.load(tmp_path / "s.npz")
@@ -371,7 +372,7 @@ def test_compiled_and_eager_give_the_same_loss_and_a_compiled_resume_reaches_one
     p1.main(["--out-dir", str(tmp_path / "b"), "--steps", "3", *args])
     p1.main(["--out-dir", str(tmp_path / "b"), "--steps", "6", "--resume", *args])
     a, b = load_ckpt(tmp_path / "a" / "ckpt.pt"), load_ckpt(tmp_path / "b" / "ckpt.pt")
-    model = p1.UNet(width=16)
+    model = p1.UNet(1, 16)
     assert b["step"] == 6 and list(a["model"]) == list(model.state_dict())   # the same keys as without compile
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k

@@ -34,14 +34,14 @@ def test_2d_position_code_shape_distinct_and_separable():
 
 
 def test_fresh_dit_block_is_exactly_the_identity():
-    model = p2.DiT(depth=2, width=32, heads=2)
+    model = p2.DiT((1, 28, 28), 7, 2, 32, 2)
     x, c = torch.randn(4, 16, 32), torch.randn(4, 32)
     for block in model.blocks:
         assert torch.equal(block(x, c), x)
 
 
 def test_dit_output_shape_and_time_changes_the_output_after_training_a_bit():
-    model = p2.DiT(depth=2, width=32, heads=2)
+    model = p2.DiT((1, 28, 28), 7, 2, 32, 2)
     x, t = torch.randn(5, 1, 28, 28), torch.rand(5)
     assert model(x, t).shape == x.shape
     # once the zero-initialised layers move, t reaches the output through adaLN

@@ -9,7 +9,7 @@ from conftest import load_ckpt, run_script
 
 def small_model(seed=0):
     torch.manual_seed(seed)
-    model = p3.ConditionalDiT(depth=2, width=32, heads=2)
+    model = p3.ConditionalDiT((1, 28, 28), 4, 2, 32, 2, 10)
     for p in model.parameters():  # move off the zero init so that y and t really matter
         p.data.add_(0.05 * torch.randn_like(p))
     return model.eval()

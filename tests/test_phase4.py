@@ -17,7 +17,7 @@ def encoder(tiny_clip):
 
 def small_model(text_dim=32, seed=0):
     torch.manual_seed(seed)
-    model = p4.TextConditionalDiT(depth=2, width=32, heads=2, text_dim=text_dim)
+    model = p4.TextConditionalDiT((3, 32, 32), 4, 2, 32, 2, text_dim)
     for p in model.parameters():  # move off the zero init so that the text really matters
         p.data.add_(0.05 * torch.randn_like(p))
     return model.eval()
@@ -85,7 +85,7 @@ def test_the_end_token_reaches_every_block_through_adaln():
 
 
 def test_fresh_text_block_is_the_identity():
-    model = p4.TextConditionalDiT(depth=1, width=32, heads=2, text_dim=16)
+    model = p4.TextConditionalDiT((3, 32, 32), 4, 1, 32, 2, 16)
     assert type(model.blocks[0]) is p4.TextConditionedDiTBlock and isinstance(model.blocks[0], p4.DiTBlock)
     x, c, text = torch.randn(2, 64, 32), torch.randn(2, 32), torch.randn(2, 5, 16)
     assert torch.equal(model.blocks[0](x, c, text, torch.ones(2, 5, dtype=torch.bool)), x)
@@ -227,6 +227,8 @@ def test_cli_trains_saves_and_samples_then_samples_straight_away(tmp_path, tiny_
     tokens = len(encoder.words("a photo of a dog")) + len(encoder.words("a red\nthing"))
     with Image.open(out / "attention.png") as picture:  # per prompt: a row of x_t, then one per token (not padding)
         assert picture.height == (2 + tokens) * 65 + 1   # 32-pixel tiles drawn at 64
+    with Image.open(out / "trajectory.gif") as gif:        # the animation too: a frame per Euler step, 2 prompts
+        assert gif.n_frames == 2 + 1 and gif.size == (2 * 65 + 1, 66)
     npz = np.load(tmp_path / "s.npz")
     assert npz["images"].shape == (4, 32, 32, 3) and npz["labels"].tolist() == [5, 5, -1, -1]
     ckpt = load_ckpt(out / "ckpt.pt")

@@ -15,7 +15,7 @@ from conftest import OFFLINE_ENV, ROOT, assert_clean_error, load_ckpt, run_scrip
 
 
 def test_vae_shapes():
-    vae = p5.VAE(width=8)
+    vae = p5.VAE(8, 4)
     x = torch.rand(3, 3, 64, 64) * 2 - 1
     mean, logvar = vae.encode(x)
     assert mean.shape == logvar.shape == (3, 4, 16, 16)      # 12,288 numbers -> 1,024
@@ -39,7 +39,7 @@ def random_images(n, seed=0):
 
 def test_every_image_and_its_mirror_is_encoded_with_its_label():
     torch.manual_seed(0)
-    vae = p5.VAE(width=8).eval()
+    vae = p5.VAE(8, 4).eval()
     data = random_images(20)
     latents, labels = p5.encode_dataset(vae, data, batch=8)
     assert latents.shape == (40, 4, 16, 16) and labels.tolist().count(0) == 2 * 7
@@ -61,7 +61,7 @@ def test_psnr_is_high_for_a_perfect_decoder_and_finite_for_a_random_one():
 
     images = random_images(4).images
     assert p5.psnr_db(Identity(), images) > 60
-    assert 0 < p5.psnr_db(p5.VAE(width=8).eval(), images) < 20
+    assert 0 < p5.psnr_db(p5.VAE(8, 4).eval(), images) < 20
 
 
 def test_class_of_prompt_prefers_the_longest_name():
@@ -124,7 +124,7 @@ def test_the_vae_resumes_before_the_flow_exists(tmp_path, tiny_clip):
     out = tmp_path / "run"
     common = ["--data", folder, "--clip-model", tiny_clip, "--out-dir", out, *TINY]
     out.mkdir()
-    vae = p5.VAE(p5.VAE_WIDTH)  # a VAE stopped at step 2 (say, by Ctrl-C)
+    vae = p5.VAE(p5.VAE_WIDTH, 4)  # a VAE stopped at step 2 (say, by Ctrl-C)
     p5.save_checkpoint(str(out / "vae.pt"), vae, vae, torch.optim.AdamW(vae.parameters()), 2, {}, {})
     r = run_script("phase5_latent.py", "--resume", "--vae-steps", 3, "--steps", 1, *common)
     assert r.returncode == 0, r.stderr
