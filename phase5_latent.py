@@ -839,8 +839,9 @@ def vae_stage(args, vae_path, flow_exists, data, data_name, device, amp, first, 
     vae = VAE(VAE_WIDTH, LATENT_SHAPE[0]).to(device)
     vae_ema = copy.deepcopy(vae).requires_grad_(False)
     vae_opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
-    state = load_checkpoint(vae_path, device) if os.path.exists(vae_path) else {"step": 0, "config": {}}
+    state = {"step": 0, "config": {}}  # no vae.pt yet: a new VAE
     if os.path.exists(vae_path):
+        state = load_checkpoint(vae_path, device)
         restore(vae_path, state, {"model": vae, "ema": vae_ema, "opt": vae_opt})
     config, step = state["config"], state["step"]   # config: what it trains on, and how long
     config["steps"] = args.vae_steps if args.resume or not step else config.get("steps", step)
@@ -895,8 +896,8 @@ def main(argv=None):
         return everything, *split_holdout(everything)
     data_name = args.data if args.data == "flowers102" else os.path.abspath(args.data)
 
-    vae, vae_step, vae_metrics = vae_stage(args, vae_path, state is not None, data, data_name, device, amp, first, wrap,
-                                       compile_now)
+    vae, vae_step, vae_metrics = vae_stage(args, vae_path, state is not None, data, data_name, device, amp, first,
+                                           wrap, compile_now)
     metrics = dict(vae_metrics)
 
     # Stage 2, the flow: the text-conditional DiT of phase 4, on latents.
