@@ -56,7 +56,7 @@ COOLDOWN = 0.3         # ... and a linear decay to 0 over the last 30% of the ru
 EMA_DECAY = 0.999      # samples come from an exponential moving average of the weights
 T_MEAN = -0.5          # training times t = sigmoid(N(T_MEAN, 1)): more of them nearer the noise end
 WIDTH = 48             # U-Net channels at 14x14 (twice that at 7x7)
-SAMPLE_STEPS = 50      # Euler steps from noise to data
+SAMPLE_STEPS, NUM_SAMPLES = 50, 64   # Euler steps from noise to data; images drawn
 GUIDANCE = 4.0         # autoguidance weight w (1 = off)
 GUIDE_AT = 0.2         # the guide is the EMA model as it was at 20% of the run
 CKPT_EVERY = 500       # also save a checkpoint (and a row of progress.png) every this many steps
@@ -71,7 +71,7 @@ def get_args(argv=None):
     parser.add_argument("--batch-size", type=number(int), default=BATCH_SIZE)
     parser.add_argument("--lr", type=number(float), default=LR, help="peak learning rate")
     parser.add_argument("--width", type=number(int), default=WIDTH, help="model size: channels, a multiple of 8")
-    parser.add_argument("--num-samples", type=number(int), default=64, help="how many images to draw")
+    parser.add_argument("--num-samples", type=number(int), default=NUM_SAMPLES, help="how many images to draw")
     parser.add_argument("--sample-steps", type=number(int), default=SAMPLE_STEPS, help="Euler steps from noise to data")
     parser.add_argument("--guidance", type=number(float, 0, True), default=GUIDANCE, help="autoguidance w (1 = off)")
     parser.add_argument("--resume", action="store_true", help="train <out-dir>/ckpt.pt further, up to --steps")

@@ -49,7 +49,7 @@ EMA_DECAY = 0.999      # samples come from an exponential moving average of the 
 T_MEAN = -0.5          # training times t = sigmoid(N(T_MEAN, 1)): more of them nearer the noise end
 PATCH_SIZE = 7         # 7x7-pixel patches: 16 tokens (4x4 patches, 49 tokens, draw finer and cost more)
 DEPTH, WIDTH, HEADS = 6, 128, 4   # transformer blocks, token vector size, attention heads
-SAMPLE_STEPS = 50      # Euler steps from noise to data
+SAMPLE_STEPS, NUM_SAMPLES = 50, 64   # Euler steps from noise to data; images drawn
 GUIDANCE = 10.0        # autoguidance weight w (1 = off)
 GUIDE_AT = 0.2         # the guide is the EMA model as it was at 20% of the run ...
 GUIDE_FROM, GUIDE_UNTIL = 0.1, 0.5   # ... used for GUIDE_FROM <= t < GUIDE_UNTIL: where the digit's shape is decided
@@ -66,7 +66,7 @@ def get_args(argv=None):
     parser.add_argument("--lr", type=number(float), default=LR, help="peak learning rate")
     parser.add_argument("--depth", type=number(int), default=DEPTH, help="model size: transformer blocks")
     parser.add_argument("--width", type=number(int), default=WIDTH, help=f"model size: token width ({HEADS} heads)")
-    parser.add_argument("--num-samples", type=number(int), default=64, help="how many images to draw")
+    parser.add_argument("--num-samples", type=number(int), default=NUM_SAMPLES, help="how many images to draw")
     parser.add_argument("--sample-steps", type=number(int), default=SAMPLE_STEPS, help="Euler steps from noise to data")
     parser.add_argument("--guidance", type=number(float, 0, True), default=GUIDANCE, help="autoguidance w (1 = off)")
     parser.add_argument("--resume", action="store_true", help="train <out-dir>/ckpt.pt further, up to --steps")

@@ -64,7 +64,7 @@ EMA_DECAY = 0.999      # samples come from an exponential moving average of the 
 T_MEAN = 0.0           # training times t = sigmoid(N(T_MEAN, 1)): most of them in the middle of the path
 PATCH_SIZE = 2         # 2x2 latent pixels: 64 tokens
 DEPTH, WIDTH, HEADS = 6, 192, 4   # transformer blocks, token vector size, attention heads
-SAMPLE_STEPS = 25      # Euler steps from noise to data
+SAMPLE_STEPS, NUM_SAMPLES = 25, 10   # Euler steps from noise to data; images drawn for each row of samples.png
 CLIP_MODEL = "openai/clip-vit-base-patch32"   # the frozen text encoder (its text half)
 SYNONYMS = {"common dandelion": ["dandelion"], "purple coneflower": ["echinacea"], "bird of paradise": ["strelitzia"],
             "sunflower": ["helianthus"], "water lily": ["nymphaea"]}   # for your own --data: add its names here
@@ -100,7 +100,7 @@ def get_args(argv=None):
     parser.add_argument("--depth", type=number(int), default=DEPTH, help="model size: transformer blocks")
     parser.add_argument("--width", type=number(int), default=WIDTH, help=f"model size: token width ({HEADS} heads)")
     parser.add_argument("--prompt", action="append", help='what to draw (repeatable); default: "a photo of a {class}"')
-    parser.add_argument("--num-samples", type=number(int), default=10, help="how many images of each prompt")
+    parser.add_argument("--num-samples", type=number(int), default=NUM_SAMPLES, help="how many images of each prompt")
     parser.add_argument("--sample-steps", type=number(int), default=SAMPLE_STEPS, help="Euler steps from noise to data")
     parser.add_argument("--cfg-scale", type=number(float, 0, True), default=CFG_SCALE, help="CFG scale s (1 = off)")
     parser.add_argument("--resume", action="store_true", help="train <out-dir>/ckpt.pt further, up to --steps")
