@@ -56,3 +56,16 @@ def test_a_default_that_differs_between_phases_is_a_setting():
     for flag in set().union(*defaults):
         values = {d[flag] for d in defaults if flag in d}
         assert len(values) == 1, f"{flag} defaults to {sorted(values)} in different phases: make it a setting"
+
+
+# Lines of each script today: a ceiling, so that a new feature makes room rather than growing a phase (the last
+# round's lesson). Issue 25's targets are lower (400 / 470 / 490 / 580 / 720, common.py 220); lower these numbers
+# as the scripts shrink, never raise them without the team's say.
+CEILINGS = {"phase1_flow.py": 436, "phase2_dit.py": 513, "phase3_cfg.py": 543, "phase4_clip.py": 750,
+            "phase5_latent.py": 985, "common.py": 319}
+
+
+def test_no_script_grows_past_its_ceiling():
+    for path, ceiling in CEILINGS.items():
+        lines = len(open(os.path.join(ROOT, path)).read().splitlines())
+        assert lines <= ceiling, f"{path} has {lines} lines, its ceiling is {ceiling}: make room elsewhere"
