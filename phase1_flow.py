@@ -58,7 +58,8 @@ T_MEAN = -0.5          # training times t = sigmoid(N(T_MEAN, 1)): more of them 
 WIDTH = 48             # U-Net channels at 14x14 (twice that at 7x7)
 SAMPLE_STEPS, NUM_SAMPLES = 50, 64   # Euler steps from noise to data; images drawn
 GUIDANCE = 4.0         # autoguidance weight w (1 = off)
-GUIDE_AT = 0.2         # the guide is the EMA model as it was at 20% of the run
+GUIDE_AT = 0.2         # the guide is the EMA model as it was at 20% of the run ...
+GUIDE_FROM, GUIDE_UNTIL = 0.0, 1.0   # ... used for GUIDE_FROM <= t < GUIDE_UNTIL: here the whole path
 CKPT_EVERY = 500       # also save a checkpoint (and a row of progress.png) every this many steps
 COMPILE = True         # torch.compile the model on a CUDA GPU: fused kernels, several times faster (slower start)
 STEPS_ROWS = [1, 2, 4, 8, 16, 50]   # rows of steps.png: the same noise, integrated in this many Euler steps
@@ -193,17 +194,21 @@ def euler_sample(velocity, noise, steps):
     return x, trajectory
 
 
-def autoguided(model, guide, w):
-    """Autoguidance: v = v_guide + w (v_model - v_guide), the guide an early copy of the model.
+def autoguided(model, guide, w, start=0.0, until=1.0):
+    """Autoguidance: v = v_guide + w (v_model - v_guide) for start <= t < until, the guide an early copy of the model.
 
     Early in training the model already knows roughly where digits are but draws them badly; the difference
     between the final and the early model points the way training was improving the samples, and w > 1 goes
-    further that way. Unlike sampling from less noise, it keeps most of the variety."""
+    further that way. Unlike sampling from less noise, it keeps most of the variety. Guiding only part of the path
+    (Kynkaanniemi et al., 2024) leaves the steps where guidance does more harm than good to the plain model."""
     if w == 1:
         return model
 
     def velocity(x, t):
-        v, v_guide = model(x, t), guide(x, t)
+        v = model(x, t)
+        if not start <= t[0] < until:  # the sampler moves the whole batch with one t; outside, no guide is run
+            return v
+        v_guide = guide(x, t)
         return v_guide + w * (v - v_guide)
     return velocity
 
@@ -337,7 +342,7 @@ def save_grid(images, path, nrow, titles=()):
 def generate(args, model, device, amp, guide):
     """Sample --num-samples images in batches; write samples.png, trajectory.png/.gif, steps.png and the npz."""
     w = args.guidance if guide.step is not None else 1.0  # no guide yet: training stopped before GUIDE_AT
-    velocity = autoguided(model, guide, w)
+    velocity = autoguided(model, guide, w, GUIDE_FROM, GUIDE_UNTIL)
     gen = torch.Generator().manual_seed(args.seed)  # noise drawn on the CPU: the same images on every device
     images, t0 = [], time.time()
     for start in range(0, args.num_samples, 500):  # in chunks, so 10,000 samples fit in a laptop's memory

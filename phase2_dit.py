@@ -4,8 +4,8 @@ Phase 2 — the same flow matching, with a Diffusion Transformer (DiT) as the ve
 New in this phase: the network. The image is cut into 7x7-pixel patches (a 4x4 grid = 16 tokens), each patch
 becomes a vector, a 2-D position code tells the tokens where they sit, and transformer blocks let every patch look
 at every other. The time t steers each block through adaLN: it sets the scale and shift of every LayerNorm
-(Peebles & Xie, 2023). Autoguidance skips the first tenth of the path (it would favour the easy digits) and the
-cleaner half (it only costs time there).
+(Peebles & Xie, 2023). Its settings guide only 0.1 <= t < 0.5: not the first tenth of the path (it would favour
+the easy digits), nor the cleaner half (it only costs time there).
 
 From phase 1: flow matching trains a network v(x_t, t) on the straight path x_t = (1 - t) x0 + t x1 from noise
 x0 (t = 0) to data x1 (t = 1), with the loss || v(x_t, t) - (x1 - x0) ||^2, and samples by Euler steps x += dt * v
