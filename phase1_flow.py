@@ -154,10 +154,6 @@ class UNet(nn.Module):
         return F.pixel_shuffle(self.head(h), 2)               # velocity, (B, 1, 28, 28) like x
 
 
-def build_model(config):
-    return UNet(IMAGE_SHAPE[0], config["width"])
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Flow matching: the loss and the sampler (the whole algorithm)
 
@@ -391,7 +387,7 @@ def main(argv=None):
     training = state is None or (args.resume and state["step"] < args.steps)
 
     config = state["config"] if state else {"width": args.width}  # a checkpoint rebuilds the model it trained
-    model = build_model(config).to(device)
+    model = UNet(IMAGE_SHAPE[0], config["width"]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     guide = copy.deepcopy(ema)  # autoguidance's early copy of the EMA, taken in train() at GUIDE_AT of the run
     guide.step = None           # the step it was taken at (None: not yet)

@@ -225,10 +225,6 @@ class DiT(nn.Module):
         return unpatchify(patches, self.patch_size, *self.image_shape)  # velocity, like x
 
 
-def build_model(config):
-    return DiT(IMAGE_SHAPE, config["patch_size"], config["depth"], config["width"], config["heads"])
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Flow matching: the loss and the sampler (the whole algorithm)
 
@@ -463,7 +459,7 @@ def main(argv=None):
 
     config = state["config"] if state else {"patch_size": PATCH_SIZE, "depth": args.depth, "width": args.width,
                                             "heads": HEADS}  # a checkpoint rebuilds the model it trained
-    model = build_model(config).to(device)
+    model = DiT(IMAGE_SHAPE, config["patch_size"], config["depth"], config["width"], config["heads"]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     guide = copy.deepcopy(ema)  # autoguidance's early copy of the EMA, taken in train() at GUIDE_AT of the run
     guide.step = None           # the step it was taken at (None: not yet)

@@ -245,11 +245,6 @@ class ConditionalDiT(nn.Module):
         return unpatchify(patches, self.patch_size, *self.image_shape)  # velocity, like x
 
 
-def build_model(config):
-    return ConditionalDiT(IMAGE_SHAPE, config["patch_size"], config["depth"], config["width"], config["heads"],
-                          NUM_CLASSES)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Flow matching: the loss and the sampler (the whole algorithm)
 
@@ -496,7 +491,8 @@ def main(argv=None):
 
     config = state["config"] if state else {"patch_size": PATCH_SIZE, "depth": args.depth, "width": args.width,
                                             "heads": HEADS}  # a checkpoint rebuilds the model it trained
-    model = build_model(config).to(device)
+    model = ConditionalDiT(IMAGE_SHAPE, config["patch_size"], config["depth"], config["width"], config["heads"],
+                           NUM_CLASSES).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     # fused: one kernel updates all the weights (on CUDA and CPU; MPS uses the default loop)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type in ("cuda", "cpu"))

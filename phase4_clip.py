@@ -358,11 +358,6 @@ class TextConditionalDiT(nn.Module):
         return unpatchify(patches, self.patch_size, *self.image_shape)  # velocity, like x
 
 
-def build_model(config):
-    return TextConditionalDiT(IMAGE_SHAPE, config["patch_size"], config["depth"], config["width"], config["heads"],
-                              config["text_dim"])
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Flow matching: the loss and the sampler (the whole algorithm)
 
@@ -697,7 +692,8 @@ def main(argv=None):
     config["clip_model"] = clip_name  # the same CLIP (a folder may have moved): its new place
     if config.setdefault("text_dim", encoder.dim) != encoder.dim:
         fail(f"{clip_name!r} gives {encoder.dim}-wide token vectors; this model was trained on {config['text_dim']}")
-    model = build_model(config).to(device)
+    model = TextConditionalDiT(IMAGE_SHAPE, config["patch_size"], config["depth"], config["width"], config["heads"],
+                               config["text_dim"]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     # fused: one kernel updates all the weights (on CUDA and CPU; MPS uses the default loop)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=BETAS, weight_decay=0.0,

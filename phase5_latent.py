@@ -463,11 +463,6 @@ class TextConditionalDiT(nn.Module):
         return unpatchify(patches, self.patch_size, *self.image_shape)  # velocity, like x
 
 
-def build_model(config):
-    return TextConditionalDiT(LATENT_SHAPE, config["patch_size"], config["depth"], config["width"], config["heads"],
-                              config["text_dim"])
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Flow matching: the loss and the sampler (the whole algorithm)
 
@@ -797,14 +792,6 @@ def generate(args, model, table, words, vae, config, device, amp):
             "cfg_scale": args.cfg_scale}
 
 
-def split_holdout(data):
-    """A fixed held-out set (same images for every seed and run) for the VAE's PSNR; the rest trains both stages."""
-    order = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(1234)).to(data.images.device)
-    n = min(HOLDOUT, len(order) // 10)
-    train = type(data)(data.images[order[n:]], data.labels[order[n:]], data.classes)
-    return train, data.images[order[:n]]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Main: the VAE (trained if missing), the latents, the flow (trained if missing, or --resume), then samples
 
@@ -888,12 +875,15 @@ def main(argv=None):
     compile_now = args.compile if args.compile is not None else COMPILE and device.type == "cuda"
 
     @functools.cache  # loaded once, by the first stage that needs it
-    def data():  # the whole dataset as one uint8 tensor, and its split: training images, a fixed held-out set
+    def data():  # the whole dataset as one uint8 tensor, the images that train both stages, and a held-out set
         everything = load_dataset(args.data, args.data_root, image_size=IMAGE_SIZE).to(device)
         if len(everything.images) < 10:
             fail(f"{args.data}: {len(everything.images)} images; at least 10 are needed (a tenth is held out for the "
                  "VAE)")
-        return everything, *split_holdout(everything)
+        # The held-out images measure the VAE's PSNR: the same ones for every seed and run.
+        order = torch.randperm(len(everything.images), generator=torch.Generator().manual_seed(1234)).to(device)
+        n, images, labels = min(HOLDOUT, len(order) // 10), everything.images, everything.labels
+        return everything, ImageData(images[order[n:]], labels[order[n:]], everything.classes), images[order[:n]]
     data_name = args.data if args.data == "flowers102" else os.path.abspath(args.data)
 
     vae, vae_step, vae_metrics = vae_stage(args, vae_path, state is not None, data, data_name, device, amp, first,
@@ -927,7 +917,8 @@ def main(argv=None):
     config["clip_model"] = clip_name  # the same CLIP (a folder may have moved): its new place
     if config.setdefault("text_dim", encoder.dim) != encoder.dim:
         fail(f"{clip_name!r} gives {encoder.dim}-wide token vectors; this model was trained on {config['text_dim']}")
-    model = build_model(config).to(device)
+    model = TextConditionalDiT(LATENT_SHAPE, config["patch_size"], config["depth"], config["width"], config["heads"],
+                               config["text_dim"]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     # fused: one kernel updates all the weights (on CUDA and CPU; MPS uses the default loop)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=BETAS, weight_decay=0.0,

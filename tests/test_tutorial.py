@@ -8,10 +8,10 @@ from conftest import ROOT
 PHASES = ["phase1_flow.py", "phase2_dit.py", "phase3_cfg.py", "phase4_clip.py", "phase5_latent.py"]
 # The functions and classes that each phase's idea changes (compared with the phase before); everything else that
 # two consecutive phases both define must be the same text.
-CHANGED = {2: {"get_args", "build_model", "main"},
-           3: {"get_args", "build_model", "train", "generate", "main"},
-           4: {"get_args", "build_model", "train", "guided_velocity", "sample_conditional", "generate", "main"},
-           5: {"get_args", "build_model", "text_conditional_loss", "sample_text_conditional", "generate", "main"}}
+CHANGED = {2: {"get_args", "main"},
+           3: {"get_args", "train", "generate", "main"},
+           4: {"get_args", "train", "guided_velocity", "sample_conditional", "generate", "main"},
+           5: {"get_args", "text_conditional_loss", "sample_text_conditional", "generate", "main"}}
 
 
 def parse(path):
@@ -62,8 +62,8 @@ def test_a_default_that_differs_between_phases_is_a_setting():
 # Lines of each script today: a ceiling, so that a new feature makes room rather than growing a phase (the last
 # round's lesson). Issue 25's targets are lower (400 / 470 / 490 / 580 / 720, common.py 220); lower these numbers
 # as the scripts shrink, never raise them without the team's say.
-CEILINGS = {"phase1_flow.py": 441, "phase2_dit.py": 513, "phase3_cfg.py": 543, "phase4_clip.py": 750,
-            "phase5_latent.py": 985, "common.py": 319}
+CEILINGS = {"phase1_flow.py": 437, "phase2_dit.py": 509, "phase3_cfg.py": 539, "phase4_clip.py": 746,
+            "phase5_latent.py": 976, "common.py": 319}
 
 
 def test_no_script_grows_past_its_ceiling():
