@@ -567,11 +567,6 @@ def train(args, model, ema, opt, data, amp, step, save, trainer):
 # ----------------------------------------------------------------------------------------------------------
 # Outputs: a row per prompt, trajectory, steps, progress, CFG sweep, attention, arrays for evaluation
 
-def to_uint8(x):
-    """[-1, 1] floats (N, C, H, W) -> uint8 (N, H, W) for grey or (N, H, W, 3) for RGB."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).squeeze(-1).cpu().numpy()
-
-
 def save_grid(images, path, nrow, titles=()):
     """A grid of [-1, 1] images, small ones drawn 2x (28 and 32 pixels: 56 and 64), saved to path (if given) and
     returned; with titles, a white strip on the left gives each row its text."""
@@ -653,10 +648,10 @@ def generate(args, model, table, words, device, amp):
     frames = [save_grid(x.cpu(), None, nrow=len(noise)) for x in traj]  # every Euler step, drawn as the pictures are
     frames[0].save(os.path.join(args.out_dir, "trajectory.gif"), save_all=True, append_images=frames[1:], loop=0,
                    duration=[60] * (len(frames) - 1) + [1500])  # ms per frame; the finished pictures stay 1.5 s
-    if args.save_npz:  # the class each prompt names (-1: none), so that an evaluation can check it
-        named = np.array([class_of_prompt(prompt, CLASSES) for prompt in args.prompt])
-        arrays = {"images": to_uint8(images), "labels": named[ids.numpy()]}
-        atomic_write(args.save_npz, lambda f: np.savez_compressed(f, **arrays))
+    if args.save_npz:  # for an evaluation: uint8, (N, H, W) grey or (N, H, W, 3) RGB
+        uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).squeeze(-1).numpy()
+        named = np.array([class_of_prompt(prompt, CLASSES) for prompt in args.prompt])  # -1: no class named
+        atomic_write(args.save_npz, lambda f: np.savez_compressed(f, images=uint8, labels=named[ids.numpy()]))
     print(f"sampled {len(images)} images in {seconds:.1f}s ({args.sample_steps} Euler steps, CFG scale "
           f"{args.cfg_scale:g}) -> {args.out_dir}" + (f" and {args.save_npz}" if args.save_npz else ""), flush=True)
     return {"num_samples": len(images), "sample_steps": args.sample_steps, "sample_seconds": round(seconds, 1),
