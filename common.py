@@ -1,16 +1,14 @@
 """
 What the phases share: picking a device, checking the command line, writing files safely, measuring the step, and
-loading a dataset into memory.
-
-A dataset becomes ONE uint8 tensor (N, C, H, W) plus int64 labels, kept on the training device.
-A training batch is then a random index into that tensor: no DataLoader workers, no PIL in the loop.
-MNIST is 47 MB and CIFAR-10 150 MB as uint8, so both fit on any GPU, MPS device or laptop RAM.
+loading a dataset into memory: ONE uint8 tensor (N, C, H, W) plus int64 labels, kept on the training device, so a
+batch is a random index into it (no DataLoader workers, no PIL in the loop). MNIST is 47 MB and CIFAR-10 150 MB.
 """
 import argparse
+import atexit
 import hashlib
 import math
 import os
-import shutil
+import re
 import sys
 from dataclasses import dataclass
 
@@ -29,12 +27,13 @@ def fail(message):
 # ----------------------------------------------------------------------------------------------------------
 # Command line: numbers are checked when they are read, so a bad one stops the run before any work starts
 
-def number(kind, low=0, low_ok=False):
-    """An argparse type: a finite `kind` (int or float) above `low` (or equal to it, with low_ok)."""
+def number(kind, low=0, low_ok=False, high=math.inf):
+    """An argparse type: a finite `kind` (int or float) above `low` (or equal to it, with low_ok), below `high`."""
     def parse(text):
         value = kind(text)  # not a number: argparse says "invalid int value" / "invalid float value"
-        if not math.isfinite(value) or value < low or (value == low and not low_ok):
-            raise argparse.ArgumentTypeError(f"{text!r}: must be {'>=' if low_ok else '>'} {low}")
+        if not math.isfinite(value) or value < low or (value == low and not low_ok) or value >= high:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number {'>=' if low_ok else '>'} {low}"
+                                             + (f" and < {high}" if high < math.inf else ""))
         return value
     parse.__name__ = kind.__name__
     return parse
@@ -42,28 +41,57 @@ def number(kind, low=0, low_ok=False):
 
 def npz_file(text):
     """argparse type of --save-npz: a file name, '.npz' added as numpy would add it (a folder is an error)."""
-    if text.endswith(("/", os.sep)) or os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is a folder: name a file, e.g. {os.path.join(text, 'samples.npz')}")
-    return text if text.endswith(".npz") else text + ".npz"
+    name = text if text.endswith(".npz") else text + ".npz"
+    if text.endswith(("/", os.sep)) or os.path.isdir(text) or os.path.isdir(name):
+        raise argparse.ArgumentTypeError(f"{name!r} is a folder: name a file, e.g. {os.path.join(text, 'samples.npz')}")
+    return name
+
+
+def parse_args(parser, argv):
+    """parser.parse_args; an @FILE (one argument a line) that is not UTF-8 text is a one-line error."""
+    parser.convert_arg_line_to_args = lambda line: [line.lstrip("\ufeff")] if line.strip() else []  # BOM, blank
+    try:
+        args = parser.parse_args(argv)
+    except UnicodeDecodeError:  # Python 3.11; 3.12+ reads the bad bytes as lone surrogates
+        args = None
+    if args is None or any(0xdc80 <= ord(c) <= 0xdcff for c in "".join(args.prompt or [])):
+        parser.error("an @FILE is not UTF-8 text: save it as UTF-8 (one argument a line)")
+    return args
+
+
+LOCKS = {}  # --out-dir -> the open folder this process holds a lock on
 
 
 def check_writable(out_dir, npz=None):
-    """Make sure --out-dir (and --save-npz's folder) can be written now, not after an hour of training. Folders made
-    for the test are removed again: a run that stops before it writes anything leaves nothing behind."""
+    """Make sure --out-dir (and --save-npz's folder) can be written now, not after an hour of training, and that no
+    other run uses --out-dir: two would overwrite each other's checkpoint. Folders made here are removed at exit if
+    still empty: a run that stops before it writes anything leaves nothing behind."""
     for folder in [out_dir] + ([os.path.dirname(os.path.abspath(npz))] if npz else []):
         probe, top = os.path.join(folder, ".write-test"), os.path.abspath(folder)
         while not os.path.exists(os.path.dirname(top)):  # the outermost folder that is not there yet
             top = os.path.dirname(top)
-        made = not os.path.exists(top)
+        if not os.path.exists(top):
+            atexit.register(remove_empty, top)
         try:
             os.makedirs(folder, exist_ok=True)
             open(probe, "w").close()
             os.remove(probe)
         except OSError as e:
             fail(f"cannot write to {folder!r} ({e.strerror}): choose another --out-dir / --save-npz")
-        finally:
-            if made:
-                shutil.rmtree(top, ignore_errors=True)
+    try:  # the system's lock on the folder lasts as long as this process, however it ends (POSIX; Windows: no lock)
+        import fcntl
+        fcntl.flock(LOCKS.setdefault(os.path.realpath(out_dir), os.open(out_dir, os.O_RDONLY)), fcntl.LOCK_EX | 4)
+    except OSError:  # 4: LOCK_NB, do not wait
+        fail(f"another run is using {out_dir!r} now: wait until it ends, or choose another --out-dir")
+    except ImportError:
+        pass
+
+
+def remove_empty(root):
+    """Remove the folders under root (and root) that hold no file."""
+    for folder, _, _ in sorted(os.walk(root), reverse=True):
+        if not os.listdir(folder):
+            os.rmdir(folder)
 
 
 def atomic_write(path, write):
@@ -103,6 +131,35 @@ def note_ignored(args, config, defaults):
               f"({', '.join(f'{k} {config.get(k)}' for k in defaults)})", file=sys.stderr, flush=True)
 
 
+def settle(args, config, defaults):
+    """A checkpoint keeps its batch size and learning rate: a resume goes on with them unless the command line gives
+    others, which are named. defaults: {flag's dest: the setting}, for a new run."""
+    for k, default in defaults.items():
+        setattr(args, k, config.get(k, default) if getattr(args, k) is None else getattr(args, k))
+        if config.setdefault(k, getattr(args, k)) != getattr(args, k):
+            print(f"note: --{k.replace('_', '-')} {getattr(args, k)}, not the checkpoint's {config[k]}", file=sys.stderr)
+            config[k] = getattr(args, k)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a cluster's preemption): training saves as on Ctrl-C, then the run stops at once."""
+    def handler(signum, frame):  # signal.signal(signal.SIGTERM, Terminated.handler)
+        raise Terminated
+
+
+def random_state(device):
+    """The random generators a run draws from: the CPU's, and the CUDA or MPS device's where it trains. Saved and
+    restored, a resumed run draws the same batches, noise and times as one long run."""
+    return {"rng": torch.get_rng_state(), "device_rng": None if device.type == "cpu" else
+            torch.get_device_module(device).get_rng_state(), "device_type": device.type}
+
+
+def set_random_state(state, device):
+    torch.set_rng_state(state["rng"])
+    if state.get("device_type") == device.type != "cpu":  # saved on the same kind of device as this run trains on
+        torch.get_device_module(device).set_rng_state(state["device_rng"])
+
+
 def finite(loss, step):
     """The smoothed loss as a number (None before the first step). NaN or infinity stops the run with one line
     before anything is saved: a diverged model never replaces a good checkpoint."""
@@ -118,31 +175,31 @@ def finite(loss, step):
 
 def get_device(name="auto"):
     """'auto' picks cuda, then mps (Apple Silicon), then cpu; asking for one that is not there is an error."""
-    name = name.lower()
-    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
-    elif name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: no CUDA GPU is visible to PyTorch here (use --device auto or --device cpu)")
-    elif name == "mps" and not has_mps:
-        fail("--device mps: Apple's MPS backend is not available here (use --device auto or --device cpu)")
-    elif name not in ("cpu", "cuda", "mps"):
+    have = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    name = next(n for n in have if have[n]) if name.lower() == "auto" else name.lower()
+    if not have.get(name, True):
+        fail(f"--device {name}: " + ("no CUDA GPU is visible to PyTorch" if name == "cuda" else "Apple's MPS backend is "
+             "not available") + " here (use --device auto or --device cpu)")
+    elif name not in have:
         fail(f"unknown --device {name!r}: choose auto, cpu, cuda or mps")
     if name == "cpu":  # PyTorch's fused CPU attention kernel trains ~2x slower than its plain-matmul version;
         torch.backends.cuda.enable_flash_sdp(False)  # despite the name, this flag also switches the CPU kernel
     return torch.device(name)
 
 
-def autocast(device, precision="auto"):
-    """Mixed precision: matmuls and convs in bfloat16 where the hardware is fast at it; weights stay fp32.
+def use_compile(flag, default, device):
+    """--compile / --no-compile, else the phase's COMPILE setting on CUDA only (a slower start, a faster step)."""
+    if flag and device.type == "mps" and tuple(map(int, re.findall(r"\d+", torch.__version__)[:2])) < (2, 8):
+        fail(f"--compile on Apple Silicon needs PyTorch 2.8 or newer (this is {torch.__version__}): drop --compile")
+    return flag if flag is not None else default and device.type == "cuda"
 
-    'auto' means bf16 on CUDA GPUs that support it and on CPUs with native bf16 (AVX-512 BF16 / AMX), and fp32 on
-    MPS and older CPUs, where bf16 would be slow or unsupported."""
+
+def autocast(device, precision="auto"):
+    """Mixed precision: matmuls and convs in bfloat16 where the hardware is fast at it; weights stay fp32. 'auto'
+    means bf16 on CUDA GPUs that have it and on CPUs with native bf16 (AVX-512 BF16 / AMX), else fp32 (MPS too)."""
     if precision == "auto":
-        precision = "fp32"
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            precision = "bf16"
-        elif device.type == "cpu":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        if device.type == "cpu":
             try:
                 precision = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
             except (AttributeError, RuntimeError):
@@ -156,9 +213,8 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
 
 
 def step_flops(batch_loss):
-    """The FLOPs of one training step, forward and backward, as PyTorch counts them on one batch. The random
-    numbers that batch draws are put back, so training draws the same batches as it would have without this.
-    Counted eagerly: before PyTorch 2.14, a compiled model first called under the counter was never compiled."""
+    """The FLOPs of one training step, forward and backward, as PyTorch counts them on one batch; the random numbers
+    it draws are put back. Eagerly: before PyTorch 2.14, a compiled model first called under the counter stayed eager."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.random.fork_rng([torch.cuda.current_device()] if torch.cuda.is_available() else []):
         with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
@@ -167,9 +223,8 @@ def step_flops(batch_loss):
 
 
 def gpu_mfu(flops_per_second):
-    """MFU, "model FLOPs utilisation": the share of the GPU's peak arithmetic that the training step uses (None
-    off CUDA, or for a GPU not in the table). The rest of the time the GPU waits: for memory, for kernel launches,
-    for Python. Small models on a big GPU reach a few percent; large transformer runs reach 30-50%."""
+    """MFU, "model FLOPs utilisation": the share of the GPU's peak arithmetic the step uses (None off CUDA or for a GPU
+    not in the table); the rest of the time it waits (memory, kernel launches, Python). Large transformers: 30-50%."""
     name = torch.cuda.get_device_name() if flops_per_second and torch.cuda.is_available() else ""
     peak = next((flops for gpu, flops in GPU_PEAK_BF16.items() if gpu in name), None)
     return flops_per_second / peak if peak else None
@@ -205,17 +260,10 @@ def download(what, root, make):
         return make()
     except Exception as e:  # noqa: BLE001 - offline, a bad mirror, a read-only root: all end the same way
         if not existed:
-            for folder, _, _ in sorted(os.walk(root), reverse=True):
-                if not os.listdir(folder):
-                    os.rmdir(folder)
+            remove_empty(root)
         why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
         fail(f"could not load {what} from {os.path.abspath(root)!r} ({why}). If it is not there and you are offline, "
              f"point --data-root at a folder that holds it; if it is there, a file may be damaged (delete it)")
-
-
-def load_mnist(root, train=True):
-    ds = download("MNIST", root, lambda: torchvision.datasets.MNIST(root, train=train, download=True))
-    return ImageData(ds.data.unsqueeze(1).contiguous(), ds.targets.long(), [str(i) for i in range(10)])
 
 
 def load_cifar10(root, train=True):
@@ -237,10 +285,16 @@ def load_image_folder(folder, image_size):
     """An ImageFolder tree (one sub-folder per class), resized and centre-cropped, cached as .pt. Files that are
     not readable images are skipped with one warning that names them."""
     if not os.path.isdir(folder):
-        fail(f"image folder {folder!r} does not exist")
-    classes = sorted(d.name for d in os.scandir(folder) if d.is_dir())
-    files = [(c, os.path.join(folder, c, f)) for c in classes for f in sorted(os.listdir(os.path.join(folder, c)))
-             if f.lower().endswith(IMAGE_EXTENSIONS)]
+        fail(f"{folder!r} is not a folder of images" if os.path.exists(folder) else f"{folder!r} does not exist")
+    listed = {d.name: sorted(os.listdir(d.path)) for d in os.scandir(folder) if d.is_dir()}  # class -> its files
+    files = [(c, os.path.join(folder, c, f)) for c in sorted(listed) for f in listed[c] if f.lower().endswith(
+             IMAGE_EXTENSIONS)]
+    classes = sorted({c for c, _ in files})  # a class needs an image: an empty folder (or a link loop) is none
+    skipped = [f"{c}/" for c in listed if c not in classes] + [f"{c}/{f}" for c in classes for f in listed[c]
+                                                                if not f.lower().endswith(IMAGE_EXTENSIONS) | f.startswith(".")]
+    if skipped:  # hidden files (.DS_Store) are not worth a word
+        print(f"warning: skipped {len(skipped)} folder(s) or file(s) that are not class/<image>{IMAGE_EXTENSIONS}: "
+              f"{', '.join(skipped[:5])}", file=sys.stderr, flush=True)
     if not files:
         fail(f"no images found in {folder!r} (expected {folder}/<class name>/<image>.jpg)")
     # The cache key covers the folder, the size and every file's name, byte size and time, so edits invalidate it.
@@ -296,14 +350,8 @@ def cached(path, build):
     return data
 
 
-def load_flowers102(root, image_size=64):
-    """Oxford Flowers-102 through torchvision, all three splits pooled (8,189 images), square, cached as .pt."""
-    key = hashlib.sha1(repr((os.path.abspath(root), image_size)).encode()).hexdigest()[:16]
-    return cached(os.path.join(cache_dir(), f"flowers102-{image_size}px-{key}.pt"),
-                  lambda: decode_flowers102(root, image_size))
-
-
 def decode_flowers102(root, image_size):
+    """Oxford Flowers-102 through torchvision, all three splits pooled (8,189 images), square."""
     splits = download("Flowers-102", root, lambda: [torchvision.datasets.Flowers102(root, split=s, download=True)
                                                     for s in ("train", "val", "test")])  # needs scipy for .mat
     print(f"decoding {sum(len(ds) for ds in splits)} Flowers-102 images (once; cached in {cache_dir()})", flush=True)
@@ -313,7 +361,12 @@ def decode_flowers102(root, image_size):
 
 
 def load_dataset(name, root, train=True, image_size=32):
-    """name: 'mnist', 'cifar10', 'flowers102', or a path to an image folder of your own."""
-    if name in ("mnist", "cifar10"):
-        return (load_mnist if name == "mnist" else load_cifar10)(root, train)
-    return load_flowers102(root, image_size) if name == "flowers102" else load_image_folder(name, image_size)
+    """name: 'mnist', 'cifar10', 'flowers102', or a path to an image folder of your own. Decoded images are cached."""
+    if name == "mnist":
+        ds = download("MNIST", root, lambda: torchvision.datasets.MNIST(root, train=train, download=True))
+        return ImageData(ds.data.unsqueeze(1).contiguous(), ds.targets.long(), [str(i) for i in range(10)])
+    if name == "flowers102":
+        key = hashlib.sha1(repr((os.path.abspath(root), image_size)).encode()).hexdigest()[:16]
+        return cached(os.path.join(cache_dir(), f"flowers102-{image_size}px-{key}.pt"),
+                      lambda: decode_flowers102(root, image_size))
+    return load_cifar10(root, train) if name == "cifar10" else load_image_folder(name, image_size)

@@ -37,6 +37,7 @@ DATASETS = {  # name: (shape of one image in the npz, the classifier's stage wid
 }
 BATCH_SIZE, LR = 256, 0.1   # SGD with Nesterov momentum, one cycle: linear warmup over 20%, then linear to 0
 FLOOR_IMAGES = 10_000       # training images whose features are kept for the floor
+MAX_SAMPLES = 100_000       # more would only cost memory and time: FID settles long before
 
 
 def get_args(argv=None):
@@ -112,12 +113,15 @@ def train_classifier(data, widths, epochs, device, amp):
 @torch.no_grad()
 def classify(net, images, device):
     """uint8 images (N, C, H, W) -> class probabilities (N, 10) and features (N, D), float64 on the CPU. In fp32
-    on every machine, so the numbers do not depend on the precision a CPU happens to be fast at."""
+    on every machine, so the numbers do not depend on the precision a CPU happens to be fast at; float64 only on
+    the CPU (Apple's MPS has none)."""
     probs, features = [], []
     for i in range(0, len(images), 500):
         logits, f = net(images[i:i + 500].to(device).float() / 127.5 - 1)
-        probs.append(logits.float().softmax(1).double().cpu())
-        features.append(f.double().cpu())
+        probs.append(logits.float().softmax(1).cpu().double())
+        features.append(f.float().cpu().double())
+        if (i + 500) % 20_000 == 0:
+            print(f"classified {i + 500} of {len(images)} images", flush=True)
     return torch.cat(probs), torch.cat(features)
 
 
@@ -188,6 +192,12 @@ def load_samples(path, dataset=None):
     """The npz's images as uint8 (N, C, H, W), its labels (or None), and the dataset they belong to."""
     try:
         with np.load(path) as npz:  # an .npz is a zip of .npy arrays; a lone .npy is one array, with no names
+            if "images.npy" in npz.zip.namelist():  # how many, from its header: too many are refused unread
+                with npz.zip.open("images.npy") as f:
+                    version = np.lib.format.read_magic(f)
+                    shape = getattr(np.lib.format, f"read_array_header_{version[0]}_0")(f)[0]
+                if shape and shape[0] > MAX_SAMPLES:
+                    fail(f"{path} holds {shape[0]:,} images; score at most {MAX_SAMPLES:,} (FID settles long before)")
             arrays = {key: npz[key] for key in npz.files}
         if not all(isinstance(array, np.ndarray) for array in arrays.values()):
             raise ValueError("it holds files that are not numpy arrays")
@@ -236,4 +246,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        fail("interrupted (a classifier is cached only once it has finished training)")

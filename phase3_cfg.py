@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
-from common import (atomic_write, autocast, check_same_data, check_writable, fail, finite, get_device, gpu_mfu,
-                    load_dataset, note_ignored, npz_file, number, step_flops)
+from common import (Terminated, atomic_write, autocast, check_same_data, check_writable, fail, finite, get_device,
+                    gpu_mfu, load_dataset, note_ignored, npz_file, number, random_state, set_random_state, settle,
+                    step_flops, use_compile)
 
 # ----------------------------------------------------------------------------------------------------------
 # Settings: the values of the default run, measured in docs/RESULTS.md
@@ -67,8 +68,8 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Phase 3: class-conditional flow matching on MNIST with CFG.")
     parser.add_argument("--steps", type=number(int), default=STEPS, help="optimizer steps to train for")
     parser.add_argument("--max-minutes", type=number(float), help="stop training after this much wall time")
-    parser.add_argument("--batch-size", type=number(int), default=BATCH_SIZE)
-    parser.add_argument("--lr", type=number(float), default=LR, help="peak learning rate")
+    parser.add_argument("--batch-size", type=number(int), help=f"default {BATCH_SIZE}, or the checkpoint's")
+    parser.add_argument("--lr", type=number(float), help=f"peak learning rate (default {LR:g}, or the checkpoint's)")
     parser.add_argument("--depth", type=number(int), default=DEPTH, help="model size: transformer blocks")
     parser.add_argument("--width", type=number(int), default=WIDTH, help=f"model size: token width ({HEADS} heads)")
     parser.add_argument("--digit", type=int, nargs="+", choices=range(NUM_CLASSES), help="digits to draw (default all)")
@@ -83,7 +84,7 @@ def get_args(argv=None):
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="bf16 autocast or fp32")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on "
                         "CUDA only; --no-compile for old GPUs, or Windows without triton)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=number(int, 0, True, 2**64), default=0)
     args = parser.parse_args(argv)
     if args.width % math.lcm(4, HEADS):
         parser.error(f"--width must be a multiple of {math.lcm(4, HEADS)} ({HEADS} heads; the 2-D position code "
@@ -319,15 +320,15 @@ def sample_each_class(model, classes, per_class, cfg_scale, steps, gen):
 
 def save_checkpoint(path, model, ema, opt, step, config, extra):
     state = {"phase": PHASE, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-             "step": step, "config": config, "rng": torch.get_rng_state(), **extra,
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+             "step": step, "config": config, **random_state(next(model.parameters()).device), **extra}
     atomic_write(path, lambda f: torch.save(state, f))  # a kill or a full disk never leaves a broken ckpt.pt
 
 
-def load_checkpoint(path, device):
-    """Tensors and plain data only (weights_only: a crafted file cannot run code); another phase's is refused."""
+def load_checkpoint(path):
+    """Tensors and plain data only (weights_only: a crafted file runs no code), into CPU memory on every device
+    (restore() copies each tensor to its module's device); another phase's checkpoint is refused."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         state["config"], state["step"]  # noqa: B018 - check the keys exist
     except Exception as e:  # noqa: BLE001
         fail(f"checkpoint {path} is unreadable ({type(e).__name__}); move it away or use another --out-dir")
@@ -361,7 +362,7 @@ def train(args, model, ema, opt, data, amp, step, save):
     n_params = sum(p.numel() for p in params)
     print(f"training {n_params / 1e6:.2f}M parameters from step {step} to {args.steps}", flush=True)
     flops = step_flops(batch_loss) if params[0].is_cuda else 0  # per step, for the MFU (see common.gpu_mfu)
-    t_start, start_step, smooth_loss, saved = time.time(), step, None, step  # saved: the step on disk
+    t_start, start_step, smooth_loss, saved, stop = time.time(), step, None, step, None  # saved: the step on disk
     t_line, step_line = t_start, step
     minutes = lambda: (time.time() - t_start) / 60  # noqa: E731
     while step < args.steps and not (args.max_minutes and minutes() >= args.max_minutes):
@@ -395,15 +396,18 @@ def train(args, model, ema, opt, data, amp, step, save):
                 finite(smooth_loss, step)  # a diverged model never reaches the disk
                 save(step)
                 saved = step
-        except KeyboardInterrupt:  # Ctrl-C, or a kill (SIGTERM, see main)
-            print("\ninterrupted: saving a checkpoint", flush=True)
+        except KeyboardInterrupt as e:  # Ctrl-C, or a kill (SIGTERM, see main)
+            print("\ninterrupted" + ": saving a checkpoint" * (step > 0), flush=True)
+            stop = e
             break
-    print(flush=True)
+    print("" if step == args.steps or stop else "--max-minutes reached: --resume trains on", flush=True)
     if step == 0:
         fail("stopped before the first training step: there is nothing to save")
     if saved != step:  # the end, or Ctrl-C: unless the periodic save just wrote this very step
         finite(smooth_loss, step)
         save(step)
+    if isinstance(stop, Terminated):  # a job scheduler must see a stopped run, not a finished one
+        fail(f"stopped by SIGTERM at step {step}, saved: add --resume to the command to train on")
     seconds = 60 * minutes()
     return {"steps": step, "train_seconds": round(seconds, 1), "params": n_params,
             "final_smooth_loss": finite(smooth_loss, step),
@@ -464,8 +468,6 @@ def generate(args, model, device, amp):
         atomic_write(args.save_npz, lambda f: np.savez_compressed(f, images=uint8, labels=labels.numpy()))
     print(f"sampled {len(images)} images in {seconds:.1f}s ({args.sample_steps} Euler steps, CFG scale "
           f"{args.cfg_scale:g}) -> {args.out_dir}" + (f" and {args.save_npz}" if args.save_npz else ""), flush=True)
-    return {"num_samples": len(images), "sample_steps": args.sample_steps, "sample_seconds": round(seconds, 1),
-            "cfg_scale": args.cfg_scale}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -473,39 +475,37 @@ def generate(args, model, device, amp):
 
 def main(argv=None):
     args = get_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill (a cluster's preemption) saves like Ctrl-C
+    signal.signal(signal.SIGTERM, Terminated.handler)  # a kill (a cluster's preemption) saves, then stops
     device = get_device(args.device)
     amp = autocast(device, args.precision)
     torch.manual_seed(args.seed)
     check_writable(args.out_dir, args.save_npz)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    state = load_checkpoint(ckpt_path, device) if os.path.exists(ckpt_path) else None
+    state = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
     if state is None and args.resume:
         fail(f"no checkpoint at {ckpt_path} to resume: train first (without --resume), or fix --out-dir")
     training = state is None or (args.resume and state["step"] < args.steps)
 
     config = state["config"] if state else {"patch_size": PATCH_SIZE, "depth": args.depth, "width": args.width,
                                             "heads": HEADS}  # a checkpoint rebuilds the model it trained
+    settle(args, config, {"batch_size": BATCH_SIZE, "lr": LR})  # a resume trains on as its run began
     model = ConditionalDiT(IMAGE_SHAPE, config["patch_size"], config["depth"], config["width"], config["heads"],
                            NUM_CLASSES).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    # fused: one kernel updates all the weights (on CUDA and CPU; MPS uses the default loop)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
+    # fused: one kernel updates all the weights (on CUDA, CPU and MPS)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
     step, progress = 0, state.get("progress", []) if state else []  # progress.png's rows: (step, 8 images)
     if state:
         restore(ckpt_path, state, {"model": model, "ema": ema, "opt": opt})
         step = state["step"]
-        torch.set_rng_state(state["rng"].cpu())  # resume draws the same batches as an uninterrupted run
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        set_random_state(state, device)  # resume draws the same batches as an uninterrupted run
         print(f"found {ckpt_path} (step {step}): " + ("training it further" if training else "sampling from it"
               + (" (it has --steps already: raise --steps to train further)" if args.resume else "")), flush=True)
         note_ignored(args, config, {"depth": DEPTH, "width": WIDTH})
-    if args.compile if args.compile is not None else COMPILE and device.type == "cuda":
+    if use_compile(args.compile, COMPILE, device):
         for module in (model, ema):  # in place: the weights, and so the checkpoints, stay as they are
             module.compile()
 
-    metrics = {}
     if training:
         data = load_dataset(DATASET, args.data_root, train=True).to(device)
         check_same_data(config, data, DATASET, ckpt_path)
@@ -521,10 +521,9 @@ def main(argv=None):
             save_grid(torch.cat([x for _, x in progress]), os.path.join(args.out_dir, "progress.png"), nrow=8,
                       titles=[f"step {s}" for s, _ in progress])
         metrics = train(args, model, ema, opt, data, amp, step, save)
-    metrics.update(generate(args, ema, device, amp))
-    if training:  # sampling again never rewrites the training run's metrics
-        with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
-            json.dump({"config": config, **metrics}, f, indent=2)
+        with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:  # before sampling: an interrupt there
+            json.dump({"config": config, **metrics}, f, indent=2)          # keeps them (sampling never rewrites them)
+    generate(args, ema, device, amp)
 
 
 if __name__ == "__main__":

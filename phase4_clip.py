@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
-from common import (atomic_write, autocast, check_same_data, check_writable, fail, finite, get_device, gpu_mfu,
-                    load_dataset, note_ignored, npz_file, number, step_flops)
+from common import (Terminated, atomic_write, autocast, check_same_data, check_writable, fail, finite, get_device,
+                    gpu_mfu, load_dataset, note_ignored, npz_file, number, parse_args, random_state, set_random_state,
+                    settle, step_flops, use_compile)
 
 # ----------------------------------------------------------------------------------------------------------
 # Settings: the values of the default run, measured in docs/RESULTS.md
@@ -81,11 +82,12 @@ STEPS_ROWS = [1, 2, 4, 8, 16, 50]   # rows of steps.png: the same noise, integra
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Phase 4: text-to-image flow matching on CIFAR-10 with CLIP.",
-                                     fromfile_prefix_chars="@")  # @FILE: more arguments, one per line
+                                     epilog='@FILE: more arguments from a file, one a line (or a flag and its value: '
+                                     '--prompt "a red car")', fromfile_prefix_chars="@")
     parser.add_argument("--steps", type=number(int), default=STEPS, help="optimizer steps to train for")
     parser.add_argument("--max-minutes", type=number(float), help="stop training after this much wall time")
-    parser.add_argument("--batch-size", type=number(int), default=BATCH_SIZE)
-    parser.add_argument("--lr", type=number(float), default=LR, help="peak learning rate")
+    parser.add_argument("--batch-size", type=number(int), help=f"default {BATCH_SIZE}, or the checkpoint's")
+    parser.add_argument("--lr", type=number(float), help=f"peak learning rate (default {LR:g}, or the checkpoint's)")
     parser.add_argument("--depth", type=number(int), default=DEPTH, help="model size: transformer blocks")
     parser.add_argument("--width", type=number(int), default=WIDTH, help=f"model size: token width ({HEADS} heads)")
     parser.add_argument("--prompt", action="append", help='what to draw (repeatable); default: "a photo of a {class}"')
@@ -101,8 +103,8 @@ def get_args(argv=None):
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="bf16 autocast or fp32")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on "
                         "CUDA only; --no-compile for old GPUs, or Windows without triton)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--seed", type=number(int, 0, True, 2**64), default=0)
+    args = parse_args(parser, argv)
     if args.width % math.lcm(4, HEADS):
         parser.error(f"--width must be a multiple of {math.lcm(4, HEADS)} ({HEADS} heads; the 2-D position code "
                      "splits it in four)")
@@ -190,12 +192,12 @@ class CLIPTextEncoder:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()  # a full CLIP checkpoint also holds the image tower: unused here, not an error
         hf_logging.disable_progress_bar()  # and no "Loading weights" bar on every run
+        print(f"loading CLIP {name!r}" + " (downloaded once, about 600 MB)" * (not os.path.isdir(name)), flush=True)
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(name)
             self.model = CLIPTextModel.from_pretrained(name).to(device).eval().requires_grad_(False)
         except Exception as e:  # noqa: BLE001 - not found, offline, not a CLIP folder: all end the same way
-            why = " ".join(str(e).split())
-            why = why if len(why) < 160 else why[:160].rsplit(" ", 1)[0] + " ..."
+            why = " ".join(str(e).split()[:25]) + " ..." * (len(str(e).split()) > 25)  # its first 25 words
             fail(f"could not load CLIP {name!r} ({why}). " + ("Is it a folder written by save_pretrained?" if
                  os.path.isdir(name) else "Offline, pass --clip-model DIR with a CLIP saved by save_pretrained"))
         self.device, self.dim = device, self.model.config.hidden_size
@@ -451,15 +453,15 @@ def sample_with_attention(model, ids, cfg_scale, steps, noise, table, times):
 
 def save_checkpoint(path, model, ema, opt, step, config, extra):
     state = {"phase": PHASE, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-             "step": step, "config": config, "rng": torch.get_rng_state(), **extra,
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+             "step": step, "config": config, **random_state(next(model.parameters()).device), **extra}
     atomic_write(path, lambda f: torch.save(state, f))  # a kill or a full disk never leaves a broken ckpt.pt
 
 
-def load_checkpoint(path, device):
-    """Tensors and plain data only (weights_only: a crafted file cannot run code); another phase's is refused."""
+def load_checkpoint(path):
+    """Tensors and plain data only (weights_only: a crafted file runs no code), into CPU memory on every device
+    (restore() copies each tensor to its module's device); another phase's checkpoint is refused."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         state["config"], state["step"]  # noqa: B018 - check the keys exist
     except Exception as e:  # noqa: BLE001
         fail(f"checkpoint {path} is unreadable ({type(e).__name__}); move it away or use another --out-dir")
@@ -491,8 +493,8 @@ class TextConditionalTrainer:
         self.text, self.mask = encoder.encode(self.captions)               # (K, L, Dt), (K, L)
         real = self.text[self.mask]                                        # every real token: (tokens, Dt)
         self.text_mean, self.text_std = real.mean(0), real.std(0) + 1e-6   # for the model's standardisation
-        count = torch.tensor([len(captions) for captions in per_class], device=self.text.device)
-        self.count, self.first = count, count.cumsum(0) - count   # class c's captions: rows first[c] ... + count[c]
+        count = torch.tensor([len(captions) for captions in per_class])  # cumsum on the CPU (MPS: macOS 13.3+)
+        self.count, self.first = count.to(self.text.device), (count.cumsum(0) - count).to(self.text.device)
 
     def loss(self, model, x1, labels):
         """A random caption of each image's class, or (caption dropout) the empty prompt; then flow matching."""
@@ -514,7 +516,7 @@ def train(args, model, ema, opt, data, amp, step, save, trainer):
     n_params = sum(p.numel() for p in params)
     print(f"training {n_params / 1e6:.2f}M parameters from step {step} to {args.steps}", flush=True)
     flops = step_flops(batch_loss) if params[0].is_cuda else 0  # per step, for the MFU (see common.gpu_mfu)
-    t_start, start_step, smooth_loss, saved = time.time(), step, None, step  # saved: the step on disk
+    t_start, start_step, smooth_loss, saved, stop = time.time(), step, None, step, None  # saved: the step on disk
     t_line, step_line = t_start, step
     minutes = lambda: (time.time() - t_start) / 60  # noqa: E731
     while step < args.steps and not (args.max_minutes and minutes() >= args.max_minutes):
@@ -548,15 +550,18 @@ def train(args, model, ema, opt, data, amp, step, save, trainer):
                 finite(smooth_loss, step)  # a diverged model never reaches the disk
                 save(step)
                 saved = step
-        except KeyboardInterrupt:  # Ctrl-C, or a kill (SIGTERM, see main)
-            print("\ninterrupted: saving a checkpoint", flush=True)
+        except KeyboardInterrupt as e:  # Ctrl-C, or a kill (SIGTERM, see main)
+            print("\ninterrupted" + ": saving a checkpoint" * (step > 0), flush=True)
+            stop = e
             break
-    print(flush=True)
+    print("" if step == args.steps or stop else "--max-minutes reached: --resume trains on", flush=True)
     if step == 0:
         fail("stopped before the first training step: there is nothing to save")
     if saved != step:  # the end, or Ctrl-C: unless the periodic save just wrote this very step
         finite(smooth_loss, step)
         save(step)
+    if isinstance(stop, Terminated):  # a job scheduler must see a stopped run, not a finished one
+        fail(f"stopped by SIGTERM at step {step}, saved: add --resume to the command to train on")
     seconds = 60 * minutes()
     return {"steps": step, "train_seconds": round(seconds, 1), "params": n_params,
             "final_smooth_loss": finite(smooth_loss, step),
@@ -630,8 +635,8 @@ def generate(args, model, table, words, device, amp):
     # Five more pictures, from one noise per prompt: how noise becomes a picture (a strip of 9 moments and an
     # animation of every step), what the same noise gives with fewer Euler steps (straight paths need few), what
     # the guidance scale does, and which words each patch reads (the attention of the run that drew the strip).
-    rows = ids[::args.num_samples].to(device)  # one per prompt
-    noise = torch.randn(len(args.prompt), *IMAGE_SHAPE, generator=gen).to(device)
+    rows = ids[::args.num_samples][:16].to(device)  # one per prompt, of the first 16 (thousands would not fit)
+    noise, prompts = torch.randn(len(rows), *IMAGE_SHAPE, generator=gen).to(device), args.prompt[:len(rows)]
     with amp:
         x, traj, maps = sample_with_attention(model, rows, args.cfg_scale, args.sample_steps, noise, table,
                                               ATTENTION_TIMES)
@@ -639,12 +644,12 @@ def generate(args, model, table, words, device, amp):
         sweep = [sample_conditional(model, rows, s, args.sample_steps, noise, table)[0] for s in SWEEP_SCALES]
     strip = torch.stack([traj[round(i * args.sample_steps / 8)].cpu() for i in range(9)], 1)  # rows = prompts,
     save_grid(strip.flatten(0, 1), os.path.join(args.out_dir, "trajectory.png"), nrow=9,  # columns = t from 0 to 1
-              titles=args.prompt)
+              titles=prompts)
     save_grid(torch.cat(by_steps), os.path.join(args.out_dir, "steps.png"), nrow=len(noise),
               titles=[f"{n} step" + "s" * (n > 1) for n in STEPS_ROWS])
     save_grid(torch.cat(sweep), os.path.join(args.out_dir, "cfg_sweep.png"), nrow=len(noise),
               titles=[f"cfg scale {s}" for s in SWEEP_SCALES])
-    save_attention(os.path.join(args.out_dir, "attention.png"), x, traj, maps, args.prompt, words)
+    save_attention(os.path.join(args.out_dir, "attention.png"), x, traj, maps, prompts, words[:len(rows)])
     frames = [save_grid(x.cpu(), None, nrow=len(noise)) for x in traj]  # every Euler step, drawn as the pictures are
     frames[0].save(os.path.join(args.out_dir, "trajectory.gif"), save_all=True, append_images=frames[1:], loop=0,
                    duration=[60] * (len(frames) - 1) + [1500])  # ms per frame; the finished pictures stay 1.5 s
@@ -654,8 +659,6 @@ def generate(args, model, table, words, device, amp):
         atomic_write(args.save_npz, lambda f: np.savez_compressed(f, images=uint8, labels=named[ids.numpy()]))
     print(f"sampled {len(images)} images in {seconds:.1f}s ({args.sample_steps} Euler steps, CFG scale "
           f"{args.cfg_scale:g}) -> {args.out_dir}" + (f" and {args.save_npz}" if args.save_npz else ""), flush=True)
-    return {"num_samples": len(images), "sample_steps": args.sample_steps, "sample_seconds": round(seconds, 1),
-            "cfg_scale": args.cfg_scale}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -663,19 +666,20 @@ def generate(args, model, table, words, device, amp):
 
 def main(argv=None):
     args = get_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill (a cluster's preemption) saves like Ctrl-C
+    signal.signal(signal.SIGTERM, Terminated.handler)  # a kill (a cluster's preemption) saves, then stops
     device = get_device(args.device)
     amp = autocast(device, args.precision)
     torch.manual_seed(args.seed)
     check_writable(args.out_dir, args.save_npz)
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    state = load_checkpoint(ckpt_path, device) if os.path.exists(ckpt_path) else None
+    state = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
     if state is None and args.resume:
         fail(f"no checkpoint at {ckpt_path} to resume: train first (without --resume), or fix --out-dir")
     training = state is None or (args.resume and state["step"] < args.steps)
 
     config = state["config"] if state else {"patch_size": PATCH_SIZE, "depth": args.depth, "width": args.width,
                                             "heads": HEADS}  # a checkpoint rebuilds the model it trained
+    settle(args, config, {"batch_size": BATCH_SIZE, "lr": LR})  # a resume trains on as its run began
     clip_name = args.clip_model or config.get("clip_model", CLIP_MODEL)  # --clip-model on the command line wins
     encoder = CLIPTextEncoder(clip_name, device)
     table = encoder.encode(args.prompt + [""])  # the prompts, then "" (the null condition): CLIP runs once, and
@@ -690,24 +694,20 @@ def main(argv=None):
     model = TextConditionalDiT(IMAGE_SHAPE, config["patch_size"], config["depth"], config["width"], config["heads"],
                                config["text_dim"]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    # fused: one kernel updates all the weights (on CUDA and CPU; MPS uses the default loop)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=BETAS, weight_decay=0.0,
-                            fused=device.type in ("cuda", "cpu"))
+    # fused: one kernel updates all the weights (on CUDA, CPU and MPS)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=BETAS, weight_decay=0.0, fused=True)
     step, progress = 0, state.get("progress", []) if state else []  # progress.png's rows: (step, 8 images)
     if state:
         restore(ckpt_path, state, {"model": model, "ema": ema, "opt": opt})
         step = state["step"]
-        torch.set_rng_state(state["rng"].cpu())  # resume draws the same batches as an uninterrupted run
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        set_random_state(state, device)  # resume draws the same batches as an uninterrupted run
         print(f"found {ckpt_path} (step {step}): " + ("training it further" if training else "sampling from it"
               + (" (it has --steps already: raise --steps to train further)" if args.resume else "")), flush=True)
         note_ignored(args, config, {"depth": DEPTH, "width": WIDTH})
-    if args.compile if args.compile is not None else COMPILE and device.type == "cuda":
+    if use_compile(args.compile, COMPILE, device):
         for module in (model, ema):  # in place: the weights, and so the checkpoints, stay as they are
             module.compile()
 
-    metrics = {}
     if training:
         data = load_dataset(DATASET, args.data_root, train=True).to(device)
         check_same_data(config, data, DATASET, ckpt_path)
@@ -728,10 +728,9 @@ def main(argv=None):
             save_grid(torch.cat([x for _, x in progress]), os.path.join(args.out_dir, "progress.png"), nrow=8,
                       titles=[f"step {s}" for s, _ in progress])
         metrics = train(args, model, ema, opt, data, amp, step, save, trainer)
-    metrics.update(generate(args, ema, table, [encoder.words(prompt) for prompt in args.prompt], device, amp))
-    if training:  # sampling again never rewrites the training run's metrics
-        with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
-            json.dump({"config": config, **metrics}, f, indent=2)
+        with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:  # before sampling: an interrupt there
+            json.dump({"config": config, **metrics}, f, indent=2)          # keeps them (sampling never rewrites them)
+    generate(args, ema, table, [encoder.words(prompt) for prompt in args.prompt], device, amp)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
-from common import (ImageData, atomic_write, autocast, check_same_data, check_writable, fail, finite, get_device,
-                    gpu_mfu, load_dataset, note_ignored, npz_file, number, step_flops)
+from common import (ImageData, Terminated, atomic_write, autocast, check_same_data, check_writable, fail, finite,
+                    get_device, gpu_mfu, load_dataset, note_ignored, npz_file, number, parse_args, random_state,
+                    set_random_state, settle, step_flops, use_compile)
 
 # ----------------------------------------------------------------------------------------------------------
 # Settings: the values of the default run, measured in docs/RESULTS.md
@@ -90,13 +91,14 @@ STEPS_ROWS = [1, 2, 4, 8, 16, 50]   # rows of steps.png: the same noise, integra
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description="Phase 5: latent text-to-image flow matching on Flowers-102.",
-                                     fromfile_prefix_chars="@")  # @FILE: more arguments, one per line
+                                     epilog='@FILE: more arguments from a file, one a line (or a flag and its value: '
+                                     '--prompt "a red car")', fromfile_prefix_chars="@")
     parser.add_argument("--data", default=DATASET, help="'flowers102' or a folder of your own (a sub-folder per class)")
     parser.add_argument("--vae-steps", type=number(int), default=VAE_STEPS, help="stage 1: VAE optimizer steps")
     parser.add_argument("--steps", type=number(int), default=STEPS, help="stage 2: flow optimizer steps")
     parser.add_argument("--max-minutes", type=number(float), help="stop training the flow after this much wall time")
-    parser.add_argument("--batch-size", type=number(int), default=BATCH_SIZE)
-    parser.add_argument("--lr", type=number(float), default=LR, help="peak learning rate")
+    parser.add_argument("--batch-size", type=number(int), help=f"default {BATCH_SIZE}, or the checkpoint's")
+    parser.add_argument("--lr", type=number(float), help=f"peak learning rate (default {LR:g}, or the checkpoint's)")
     parser.add_argument("--depth", type=number(int), default=DEPTH, help="model size: transformer blocks")
     parser.add_argument("--width", type=number(int), default=WIDTH, help=f"model size: token width ({HEADS} heads)")
     parser.add_argument("--prompt", action="append", help='what to draw (repeatable); default: "a photo of a {class}"')
@@ -112,8 +114,8 @@ def get_args(argv=None):
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="bf16 autocast or fp32")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on "
                         "CUDA only; --no-compile for old GPUs, or Windows without triton)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--seed", type=number(int, 0, True, 2**64), default=0)
+    args = parse_args(parser, argv)
     if args.width % math.lcm(4, HEADS):
         parser.error(f"--width must be a multiple of {math.lcm(4, HEADS)} ({HEADS} heads; the 2-D position code "
                      "splits it in four)")
@@ -295,12 +297,12 @@ class CLIPTextEncoder:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()  # a full CLIP checkpoint also holds the image tower: unused here, not an error
         hf_logging.disable_progress_bar()  # and no "Loading weights" bar on every run
+        print(f"loading CLIP {name!r}" + " (downloaded once, about 600 MB)" * (not os.path.isdir(name)), flush=True)
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(name)
             self.model = CLIPTextModel.from_pretrained(name).to(device).eval().requires_grad_(False)
         except Exception as e:  # noqa: BLE001 - not found, offline, not a CLIP folder: all end the same way
-            why = " ".join(str(e).split())
-            why = why if len(why) < 160 else why[:160].rsplit(" ", 1)[0] + " ..."
+            why = " ".join(str(e).split()[:25]) + " ..." * (len(str(e).split()) > 25)  # its first 25 words
             fail(f"could not load CLIP {name!r} ({why}). " + ("Is it a folder written by save_pretrained?" if
                  os.path.isdir(name) else "Offline, pass --clip-model DIR with a CLIP saved by save_pretrained"))
         self.device, self.dim = device, self.model.config.hidden_size
@@ -557,15 +559,15 @@ def sample_with_attention(model, ids, cfg_scale, steps, noise, table, times):
 
 def save_checkpoint(path, model, ema, opt, step, config, extra):
     state = {"phase": PHASE, "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-             "step": step, "config": config, "rng": torch.get_rng_state(), **extra,
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+             "step": step, "config": config, **random_state(next(model.parameters()).device), **extra}
     atomic_write(path, lambda f: torch.save(state, f))  # a kill or a full disk never leaves a broken ckpt.pt
 
 
-def load_checkpoint(path, device):
-    """Tensors and plain data only (weights_only: a crafted file cannot run code); another phase's is refused."""
+def load_checkpoint(path):
+    """Tensors and plain data only (weights_only: a crafted file runs no code), into CPU memory on every device
+    (restore() copies each tensor to its module's device); another phase's checkpoint is refused."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         state["config"], state["step"]  # noqa: B018 - check the keys exist
     except Exception as e:  # noqa: BLE001
         fail(f"checkpoint {path} is unreadable ({type(e).__name__}); move it away or use another --out-dir")
@@ -597,8 +599,8 @@ class TextConditionalTrainer:
         self.text, self.mask = encoder.encode(self.captions)               # (K, L, Dt), (K, L)
         real = self.text[self.mask]                                        # every real token: (tokens, Dt)
         self.text_mean, self.text_std = real.mean(0), real.std(0) + 1e-6   # for the model's standardisation
-        count = torch.tensor([len(captions) for captions in per_class], device=self.text.device)
-        self.count, self.first = count, count.cumsum(0) - count   # class c's captions: rows first[c] ... + count[c]
+        count = torch.tensor([len(captions) for captions in per_class])  # cumsum on the CPU (MPS: macOS 13.3+)
+        self.count, self.first = count.to(self.text.device), (count.cumsum(0) - count).to(self.text.device)
 
     def loss(self, model, x1, labels):
         """A random caption of each image's class, or (caption dropout) the empty prompt; then flow matching."""
@@ -620,7 +622,7 @@ def train(args, model, ema, opt, data, amp, step, save, trainer):
     n_params = sum(p.numel() for p in params)
     print(f"training {n_params / 1e6:.2f}M parameters from step {step} to {args.steps}", flush=True)
     flops = step_flops(batch_loss) if params[0].is_cuda else 0  # per step, for the MFU (see common.gpu_mfu)
-    t_start, start_step, smooth_loss, saved = time.time(), step, None, step  # saved: the step on disk
+    t_start, start_step, smooth_loss, saved, stop = time.time(), step, None, step, None  # saved: the step on disk
     t_line, step_line = t_start, step
     minutes = lambda: (time.time() - t_start) / 60  # noqa: E731
     while step < args.steps and not (args.max_minutes and minutes() >= args.max_minutes):
@@ -654,15 +656,18 @@ def train(args, model, ema, opt, data, amp, step, save, trainer):
                 finite(smooth_loss, step)  # a diverged model never reaches the disk
                 save(step)
                 saved = step
-        except KeyboardInterrupt:  # Ctrl-C, or a kill (SIGTERM, see main)
-            print("\ninterrupted: saving a checkpoint", flush=True)
+        except KeyboardInterrupt as e:  # Ctrl-C, or a kill (SIGTERM, see main)
+            print("\ninterrupted" + ": saving a checkpoint" * (step > 0), flush=True)
+            stop = e
             break
-    print(flush=True)
+    print("" if step == args.steps or stop else "--max-minutes reached: --resume trains on", flush=True)
     if step == 0:
         fail("stopped before the first training step: there is nothing to save")
     if saved != step:  # the end, or Ctrl-C: unless the periodic save just wrote this very step
         finite(smooth_loss, step)
         save(step)
+    if isinstance(stop, Terminated):  # a job scheduler must see a stopped run, not a finished one
+        fail(f"stopped by SIGTERM at step {step}, saved: add --resume to the command to train on")
     seconds = 60 * minutes()
     return {"steps": step, "train_seconds": round(seconds, 1), "params": n_params,
             "final_smooth_loss": finite(smooth_loss, step),
@@ -757,8 +762,8 @@ def generate(args, model, table, words, vae, config, device, amp):
     # Five more pictures, from one noise per prompt: how noise becomes a picture (a strip of 9 moments and an
     # animation of every step), what the same noise gives with fewer Euler steps (straight paths need few), what
     # the guidance scale does, and which words each patch reads (the attention of the run that drew the strip).
-    rows = ids[::args.num_samples].to(device)  # one per prompt
-    noise = torch.randn(len(args.prompt), *LATENT_SHAPE, generator=gen).to(device)
+    rows = ids[::args.num_samples][:16].to(device)  # one per prompt, of the first 16 (thousands would not fit)
+    noise, prompts = torch.randn(len(rows), *LATENT_SHAPE, generator=gen).to(device), args.prompt[:len(rows)]
     with amp:
         x, traj, maps = sample_with_attention(model, rows, args.cfg_scale, args.sample_steps, noise, table,
                                               ATTENTION_TIMES)
@@ -768,12 +773,12 @@ def generate(args, model, table, words, vae, config, device, amp):
                                        for xs in ([x], traj, by_steps, sweep))
     strip = torch.stack([traj[round(i * args.sample_steps / 8)].cpu() for i in range(9)], 1)  # rows = prompts,
     save_grid(strip.flatten(0, 1), os.path.join(args.out_dir, "trajectory.png"), nrow=9,  # columns = t from 0 to 1
-              titles=args.prompt)
+              titles=prompts)
     save_grid(torch.cat(by_steps), os.path.join(args.out_dir, "steps.png"), nrow=len(noise),
               titles=[f"{n} step" + "s" * (n > 1) for n in STEPS_ROWS])
     save_grid(torch.cat(sweep), os.path.join(args.out_dir, "cfg_sweep.png"), nrow=len(noise),
               titles=[f"cfg scale {s}" for s in SWEEP_SCALES])
-    save_attention(os.path.join(args.out_dir, "attention.png"), x, traj, maps, args.prompt, words)
+    save_attention(os.path.join(args.out_dir, "attention.png"), x, traj, maps, prompts, words[:len(rows)])
     frames = [save_grid(x.cpu(), None, nrow=len(noise)) for x in traj]  # every Euler step, drawn as the pictures are
     frames[0].save(os.path.join(args.out_dir, "trajectory.gif"), save_all=True, append_images=frames[1:], loop=0,
                    duration=[60] * (len(frames) - 1) + [1500])  # ms per frame; the finished pictures stay 1.5 s
@@ -783,8 +788,6 @@ def generate(args, model, table, words, vae, config, device, amp):
         atomic_write(args.save_npz, lambda f: np.savez_compressed(f, images=uint8, labels=named[ids.numpy()]))
     print(f"sampled {len(images)} images in {seconds:.1f}s ({args.sample_steps} Euler steps, CFG scale "
           f"{args.cfg_scale:g}) -> {args.out_dir}" + (f" and {args.save_npz}" if args.save_npz else ""), flush=True)
-    return {"num_samples": len(images), "sample_steps": args.sample_steps, "sample_seconds": round(seconds, 1),
-            "cfg_scale": args.cfg_scale}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -798,6 +801,8 @@ def setup_torchrun(args, device):
     device, and whether it is copy 0 (also when there is only one process)."""
     global SHARD
     if "RANK" in os.environ:  # set by torchrun
+        if device.type == "mps":  # gloo carries no MPS tensors: the gradients would not be averaged
+            fail("torchrun cannot share Apple Silicon's MPS device: add --device cpu, or run without torchrun")
         try:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         except (ValueError, RuntimeError) as e:  # RANK set by hand, without torchrun's other variables
@@ -806,24 +811,24 @@ def setup_torchrun(args, device):
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per copy
             torch.cuda.set_device(device)
-        if args.batch_size % dist.get_world_size() or VAE_BATCH_SIZE % dist.get_world_size():
-            fail(f"{dist.get_world_size()} processes cannot share --batch-size {args.batch_size} (and the VAE's "
-                 f"{VAE_BATCH_SIZE}) equally")
+        if (args.batch_size or BATCH_SIZE) % dist.get_world_size() or VAE_BATCH_SIZE % dist.get_world_size():
+            fail(f"{dist.get_world_size()} processes cannot share --batch-size {args.batch_size or BATCH_SIZE} "
+                 f"(and the VAE's {VAE_BATCH_SIZE}) equally")
     first = SHARD.start in (None, 0)
     sys.stdout = sys.stdout if first else open(os.devnull, "w")
     return device, first
 
 
 def vae_stage(args, vae_path, flow_exists, data, data_name, device, amp, first, wrap, compile_now):
-    """Stage 1, the VAE (vae.pt): trained up to --vae-steps before any flow is trained on it (a stopped one goes on
-    from where it stopped, with the same command); once a flow depends on it, it stays as it is. data(): the
-    images, when needed. Returns the VAE's EMA (which encodes and decodes), its step and its metrics."""
+    """Stage 1, the VAE (vae.pt): trained up to --vae-steps (a stopped one goes on with the same command), then its
+    PSNR and pictures (recorded in vae.pt: a rerun draws what an interrupt skipped); once a flow depends on it, it
+    stays as it is. data(): the images, when needed. Returns the VAE's EMA (it encodes and decodes), step, metrics."""
     vae = VAE(VAE_WIDTH, LATENT_SHAPE[0]).to(device)
     vae_ema = copy.deepcopy(vae).requires_grad_(False)
-    vae_opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
+    vae_opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, weight_decay=0.0, fused=True)
     state = {"step": 0, "config": {}}  # no vae.pt yet: a new VAE
     if os.path.exists(vae_path):
-        state = load_checkpoint(vae_path, device)
+        state = load_checkpoint(vae_path)
         restore(vae_path, state, {"model": vae, "ema": vae_ema, "opt": vae_opt})
     config, step = state["config"], state["step"]   # config: what it trains on, and how long
     config["steps"] = args.vae_steps if args.resume or not step else config.get("steps", step)
@@ -832,28 +837,29 @@ def vae_stage(args, vae_path, flow_exists, data, data_name, device, amp, first, 
     if compile_now:
         for module in (vae, vae_ema):  # in place: the weights, and so the checkpoints, stay as they are
             module.compile()
-    if flow_exists or step >= config["steps"]:
-        return vae_ema, step, {}
-    print("stage 1: the VAE", flush=True)
-    everything, train_data, holdout = data()
-    check_same_data(config, everything, data_name, vae_path)
-    vae_args = argparse.Namespace(**{**vars(args), "steps": config["steps"], "batch_size": VAE_BATCH_SIZE,
-                                     "lr": VAE_LR, "max_minutes": None})  # the flow's loop, the VAE's settings
     save = lambda s: first and save_checkpoint(vae_path, vae, vae_ema, vae_opt, s, config, {})  # noqa: E731
-    metrics = {"vae": train(vae_args, wrap(vae), vae_ema, vae_opt, train_data, amp, step, save, VAETrainer())}
-    step = metrics["vae"]["steps"]
-    if step < config["steps"]:  # Ctrl-C: stop here rather than train a flow on a half-trained VAE
-        raise SystemExit(f"the VAE is saved at step {step}; the same command goes on from there")
-    if first:
-        metrics["vae_psnr_db"] = round(psnr_db(vae_ema, holdout), 2)
-        save_vae_pictures(args, vae_ema, holdout)
-        print(f"VAE (step {step}): held-out reconstruction PSNR {metrics['vae_psnr_db']} dB", flush=True)
-    return vae_ema, step, metrics
+    metrics = {}
+    if not flow_exists and step < config["steps"]:
+        print("stage 1: the VAE", flush=True)
+        check_same_data(config, data()[0], data_name, vae_path)
+        config.pop("psnr_db", None)  # of fewer steps
+        vae_args = argparse.Namespace(**{**vars(args), "steps": config["steps"], "batch_size": VAE_BATCH_SIZE,
+                                         "lr": VAE_LR, "max_minutes": None})  # the flow's loop, the VAE's settings
+        metrics["vae"] = train(vae_args, wrap(vae), vae_ema, vae_opt, data()[1], amp, step, save, VAETrainer())
+        step = metrics["vae"]["steps"]
+        if step < config["steps"]:  # Ctrl-C: stop here rather than train a flow on a half-trained VAE
+            raise SystemExit(f"the VAE is saved at step {step}; the same command goes on from there")
+    if first and not flow_exists and "psnr_db" not in config:
+        config["psnr_db"] = round(psnr_db(vae_ema, data()[2]), 2)
+        save_vae_pictures(args, vae_ema, data()[2])
+        save(step)  # now with its PSNR: the VAE's results are written
+        print(f"VAE (step {step}): held-out reconstruction PSNR {config['psnr_db']} dB", flush=True)
+    return vae_ema, step, {**metrics, "vae_psnr_db": config.get("psnr_db")}
 
 
 def main(argv=None):
     args = get_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a kill (a cluster's preemption) saves like Ctrl-C
+    signal.signal(signal.SIGTERM, Terminated.handler)  # a kill (a cluster's preemption) saves, then stops
     device, first = setup_torchrun(args, get_device(args.device))
 
     def wrap(model):  # what train() runs: with several processes, DDP around the model, averaging the gradients
@@ -863,32 +869,31 @@ def main(argv=None):
     if first:
         check_writable(args.out_dir, args.save_npz)
     ckpt_path, vae_path = os.path.join(args.out_dir, "ckpt.pt"), os.path.join(args.out_dir, "vae.pt")
-    state = load_checkpoint(ckpt_path, device) if os.path.exists(ckpt_path) else None
+    state = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
     if state is None and args.resume and not os.path.exists(vae_path):
         fail(f"no checkpoint at {ckpt_path} to resume: train first (without --resume), or fix --out-dir")
     training = state is None or (args.resume and state["step"] < args.steps)
-    compile_now = args.compile if args.compile is not None else COMPILE and device.type == "cuda"
+    compile_now = use_compile(args.compile, COMPILE, device)
 
     @functools.cache  # loaded once, by the first stage that needs it
     def data():  # the whole dataset as one uint8 tensor, the images that train both stages, and a held-out set
         everything = load_dataset(args.data, args.data_root, image_size=IMAGE_SIZE).to(device)
         if len(everything.images) < 10:
-            fail(f"{args.data}: {len(everything.images)} images; at least 10 are needed (a tenth is held out for the "
-                 "VAE)")
+            fail(f"{args.data}: {len(everything.images)} images; at least 10 are needed (a tenth is held out)")
         # The held-out images measure the VAE's PSNR: the same ones for every seed and run.
         order = torch.randperm(len(everything.images), generator=torch.Generator().manual_seed(1234)).to(device)
         n, images, labels = min(HOLDOUT, len(order) // 10), everything.images, everything.labels
         return everything, ImageData(images[order[n:]], labels[order[n:]], everything.classes), images[order[:n]]
     data_name = args.data if args.data == "flowers102" else os.path.abspath(args.data)
 
-    vae, vae_step, vae_metrics = vae_stage(args, vae_path, state is not None, data, data_name, device, amp, first,
-                                           wrap, compile_now)
-    metrics = dict(vae_metrics)
+    vae, vae_step, metrics = vae_stage(args, vae_path, state is not None, data, data_name, device, amp, first,
+                                       wrap, compile_now)
 
     # Stage 2, the flow: the text-conditional DiT of phase 4, on latents.
     config = state["config"] if state else {"patch_size": PATCH_SIZE, "depth": args.depth, "width": args.width,
                                             "heads": HEADS, "vae_step": vae_step,
                                             "classes": data()[0].classes}  # a checkpoint rebuilds the model it trained
+    settle(args, config, {"batch_size": BATCH_SIZE, "lr": LR})  # a resume trains on as its run began
     if config.get("vae_step", vae_step) != vae_step:
         fail(f"{ckpt_path} was trained on the latents of the VAE at step {config['vae_step']}, not {vae_step}")
     # Encode once: every training image (and its mirror) becomes a latent, scaled to unit variance like the noise
@@ -903,8 +908,7 @@ def main(argv=None):
     encoder = CLIPTextEncoder(clip_name, device)
     names = [name for name in FLOWERS if name in config["classes"]] or config["classes"][:8]
     args.prompt = args.prompt or [caption(WORDINGS[0], name) for name in names]
-    table = encoder.encode(args.prompt + [""])  # the prompts, then "" (the null condition): CLIP runs once, and
-    # a prompt it cannot read stops the run now, not after training
+    table = encoder.encode(args.prompt + [""])  # the prompts, then "" (the null condition): a bad one stops the run now
     clip_name = os.path.abspath(clip_name) if os.path.isdir(clip_name) else clip_name  # found from anywhere
     if training and os.path.basename(config.setdefault("clip_model", clip_name)) != os.path.basename(clip_name):
         fail(f"{ckpt_path} was trained with CLIP {config['clip_model']!r}: train it further with that one (sampling "
@@ -915,16 +919,13 @@ def main(argv=None):
     model = TextConditionalDiT(LATENT_SHAPE, config["patch_size"], config["depth"], config["width"], config["heads"],
                                config["text_dim"]).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    # fused: one kernel updates all the weights (on CUDA and CPU; MPS uses the default loop)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=BETAS, weight_decay=0.0,
-                            fused=device.type in ("cuda", "cpu"))
+    # fused: one kernel updates all the weights (on CUDA, CPU and MPS)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=BETAS, weight_decay=0.0, fused=True)
     step, progress = 0, state.get("progress", []) if state else []  # progress.png's rows: (step, 8 images)
     if state:
         restore(ckpt_path, state, {"model": model, "ema": ema, "opt": opt})
         step = state["step"]
-        torch.set_rng_state(state["rng"].cpu())  # resume draws the same batches as an uninterrupted run
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        set_random_state(state, device)  # resume draws the same batches as an uninterrupted run
         print(f"found {ckpt_path} (step {step}): " + ("training it further" if training else "sampling from it"
               + (" (it has --steps already: raise --steps to train further)" if args.resume else "")), flush=True)
         note_ignored(args, {**config, "vae_steps": vae_step}, {"depth": DEPTH, "width": WIDTH, "vae_steps": VAE_STEPS})
@@ -957,11 +958,10 @@ def main(argv=None):
         dist.destroy_process_group()
         if not first:
             return
-    metrics.update(generate(args, ema, table, [encoder.words(prompt) for prompt in args.prompt], vae, config, device,
-                            amp))
-    if training or vae_metrics:  # sampling again never rewrites the training run's metrics
+    if training:  # before sampling: an interrupt there keeps them (and sampling again never rewrites them)
         with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
             json.dump({"config": config, **metrics}, f, indent=2)
+    generate(args, ema, table, [encoder.words(prompt) for prompt in args.prompt], vae, config, device, amp)
 
 
 if __name__ == "__main__":

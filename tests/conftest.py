@@ -1,5 +1,7 @@
 """Shared fixtures: tiny synthetic datasets in the real on-disk formats, so the real loaders are exercised offline."""
+import functools
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -15,6 +17,21 @@ sys.path.insert(0, ROOT)
 OFFLINE_ENV = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
                "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+# torchrun's processes meet on the loopback interface: gloo's guess from the host name fails on some Macs.
+TORCHRUN_ENV = {"GLOO_SOCKET_IFNAME": "lo0" if sys.platform == "darwin" else "lo", "OMP_NUM_THREADS": "1"}
+
+
+@functools.cache
+def cpp_compiler_with_openmp():
+    """torch.compile on the CPU builds C++ with OpenMP: is there a compiler that can (Apple's clang cannot)?"""
+    for cxx in (os.environ.get("CXX"), "g++", "clang++", "c++"):
+        if cxx and shutil.which(cxx):
+            program = "#include <omp.h>\nint main() { return omp_get_max_threads() < 1; }\n"
+            return subprocess.run([cxx, "-fopenmp", "-x", "c++", "-", "-o", os.devnull], input=program,
+                                  capture_output=True, text=True).returncode == 0
+    return False
 
 
 def synthetic_digits(n, seed=0):

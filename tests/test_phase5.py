@@ -11,7 +11,7 @@ from PIL import Image
 
 import phase5_latent as p5
 from common import ImageData
-from conftest import OFFLINE_ENV, ROOT, assert_clean_error, load_ckpt, run_script
+from conftest import OFFLINE_ENV, ROOT, TORCHRUN_ENV, assert_clean_error, load_ckpt, run_script
 
 
 def test_vae_shapes():
@@ -167,7 +167,7 @@ def test_torchrun_two_processes_train_the_flow_like_one_process_with_the_whole_b
     assert run_script("phase5_latent.py", "--out-dir", tmp_path / "vae", "--vae-steps", 2, "--steps", 1,
                       *common).returncode == 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **OFFLINE_ENV, **TORCHRUN_ENV}
     for name, launch, runs in (("one", [sys.executable], [["--steps", "5"]]),  # two: 3 steps, then resumed to 5
                                ("two", torchrun, [["--steps", "3"], ["--steps", "5", "--resume"]])):
         os.makedirs(tmp_path / name)
@@ -188,7 +188,8 @@ def test_torchrun_two_processes_train_the_flow_like_one_process_with_the_whole_b
 def test_torchrun_needs_a_batch_it_can_share(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3",
                         os.path.join(ROOT, "phase5_latent.py"), "--out-dir", str(tmp_path), *map(str, TINY)],
-                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, **OFFLINE_ENV}, timeout=300)
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, **OFFLINE_ENV, **TORCHRUN_ENV},
+                       timeout=300)
     assert r.returncode != 0 and "cannot share --batch-size 4" in r.stderr
 
 
