@@ -14,6 +14,11 @@ cores with bf16, 1.6-1.8x that in fp32; then cached) looks at every sample. The 
   FID         Frechet distance between Gaussians fitted to the classifier's features of the samples and of the
               real test set: quality and variety in one number, lower is better. It grows as N shrinks, so it is
               printed beside its floor: N real *training* images scored the same way, the best a model can do.
+  precision   share of the samples that fall among real test images (Kynkaenniemi et al., 2019: inside the ball
+              of some real image reaching its 3rd-nearest real neighbour, in the classifier's features): fidelity
+  recall      share of real test images that fall among the samples (the same balls around the samples): variety
+  spread      with labels, per class asked for: the samples' mean pairwise feature distance over that of the real
+              test images of the class, averaged. 1.0 = as varied as real photos; low = the samples look alike
 
 The features are this classifier's, not Inception's: compare these FIDs with each other at equal N, not with
 published ones.
@@ -126,8 +131,8 @@ def classify(net, images, device):
 
 
 def get_classifier(dataset, data_root, device):
-    """The cached classifier with its test accuracy, the test set's feature Gaussian and features of real training
-    images (for the floor); trained and cached the first time."""
+    """The cached classifier with its test accuracy, the test set's feature Gaussian and features (for recall and
+    spread) and features of real training images (for the floor); trained and cached the first time."""
     _, widths, epochs = DATASETS[dataset]
     path = os.path.join(cache_dir(), f"classifier-{dataset}-{'-'.join(map(str, widths))}x{epochs}.pt")
     channels = DATASETS[dataset][0][2]
@@ -135,9 +140,15 @@ def get_classifier(dataset, data_root, device):
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(saved["net"])
-        return net.eval(), saved
     except Exception:  # noqa: BLE001 - missing or broken: trained again
-        pass
+        saved = None
+    if saved is not None and "test_features" not in saved:  # cached before the variety scores: the test set's
+        test = load_dataset(dataset, data_root, train=False)   # features are added, once
+        saved["test_features"], saved["test_labels"] = classify(net.eval(), test.images, device)[1].float(), test.labels
+        torch.save(saved, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    if saved is not None:
+        return net.eval(), saved
     train, test = load_dataset(dataset, data_root, train=True), load_dataset(dataset, data_root, train=False)
     print(f"training a {dataset} classifier on {len(train.images)} real images (once; cached in {path})", flush=True)
     t0 = time.time()
@@ -147,6 +158,7 @@ def get_classifier(dataset, data_root, device):
     floor_ids = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(0))[:FLOOR_IMAGES]
     saved = {"net": net.state_dict(), "test_accuracy": (probs.argmax(1) == test.labels).double().mean().item(),
              "train_seconds": round(seconds, 1), "test_mean": features.mean(0), "test_cov": torch.cov(features.T),
+             "test_features": features.float(), "test_labels": test.labels,
              "train_features": classify(net, train.images[floor_ids], device)[1].float()}
     os.makedirs(cache_dir(), exist_ok=True)
     torch.save(saved, path + ".tmp")
@@ -172,6 +184,28 @@ def fid(features, saved):
     return frechet_distance(features.mean(0), torch.cov(features.T), saved["test_mean"], saved["test_cov"])
 
 
+def covered(points, centres, k=3):
+    """For each point: is it inside the ball around some centre that reaches the centre's k-th nearest centre?"""
+    radii = torch.cdist(centres, centres).kthvalue(k + 1, dim=1).values  # the 0th neighbour is the centre itself
+    return torch.cat([(torch.cdist(p, centres) <= radii).any(1) for p in points.split(2000)])
+
+
+def variety(features, labels, saved, k=3):
+    """Precision, recall (against as many real test images as samples, both drawn at random with fixed seeds) and,
+    with labels, the spread: the reference scorer's definitions, on this classifier's features."""
+    real, real_labels = saved["test_features"], saved["test_labels"]
+    n = min(len(features), len(real))
+    if n <= k:
+        return {}
+    r = real[np.random.default_rng(0).permutation(len(real))[:n]].float()
+    g = features[np.random.default_rng(1).permutation(len(features))[:n]].float()
+    result = {"precision": covered(g, r, k).float().mean().item(), "recall": covered(r, g, k).float().mean().item()}
+    mean_distance = lambda f: (torch.cdist(f, f).sum() / (len(f) * (len(f) - 1))).item()  # noqa: E731
+    spreads = [mean_distance(features[labels == c].float()) / mean_distance(real[real_labels == c].float())
+               for c in range(10) if labels is not None and (labels == c).sum() > 1 and (real_labels == c).sum() > 1]
+    return {**result, **({"spread": float(np.mean(spreads))} if spreads else {})}
+
+
 def scores(probs, features, labels, saved):
     """All the numbers for one set of samples: probs (N, 10), features (N, D), labels (N,) or None."""
     predicted = probs.argmax(1)
@@ -185,7 +219,7 @@ def scores(probs, features, labels, saved):
         asked = labels >= 0  # -1: a prompt that named no class
         result["accuracy"] = (predicted[asked] == labels[asked]).double().mean().item()
         result["n_labelled"] = int(asked.sum())
-    return result
+    return {**result, **(variety(features, labels, saved) if "test_features" in saved else {})}
 
 
 def load_samples(path, dataset=None):
@@ -237,6 +271,10 @@ def main(argv=None):
     print(f"  confidence  {result['confidence']:.3f}\n  coverage    {result['coverage']:.3f}")
     print(f"  FID         {result['fid']:.2f}   (floor: {result['fid_floor']:.2f}, "
           f"{result['fid_floor_n']} real training images)")
+    for key, what in (("precision", "real-looking"), ("recall", "variety: real images among the samples"),
+                      ("spread", "variety within a class, 1.0 = as varied as real images")):
+        if key in result:
+            print(f"  {key:<11} {result[key]:.3f}  ({what})")
     if args.json:
         try:
             with open(args.json, "w") as f:

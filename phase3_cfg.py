@@ -57,7 +57,8 @@ DEPTH, WIDTH, HEADS = 6, 128, 4   # transformer blocks, token vector size, atten
 SAMPLE_STEPS, NUM_SAMPLES = 25, 10   # Euler steps from noise to data; images drawn for each row of samples.png
 NUM_CLASSES = 10       # digits 0..9; index 10 is the "null" class: no label
 LABEL_DROPOUT = 0.1    # how often a training label becomes the null class (that trains the unconditional model)
-CFG_SCALE = 5.0        # classifier-free guidance scale s (1 = off)
+CFG_SCALE = 5.0        # classifier-free guidance scale s (1 = off) ...
+CFG_FROM, CFG_UNTIL = 0.0, 1.0   # ... for CFG_FROM <= t < CFG_UNTIL; the plain conditional prediction elsewhere
 SWEEP_SCALES = [1, 2, 3, 5, 7]   # rows of cfg_sweep.png
 CKPT_EVERY = 500       # also save a checkpoint (and a row of progress.png) every this many steps
 COMPILE = True         # torch.compile the model on a CUDA GPU: fused kernels, several times faster (slower start)
@@ -291,8 +292,8 @@ def euler_sample(velocity, noise, steps):
 def guided_velocity(model, x, t, y, cfg_scale):
     """v_uncond + s * (v_cond - v_uncond), both predictions from ONE forward pass over a doubled batch."""
     null = torch.full_like(y, NUM_CLASSES)
-    if cfg_scale == 1:
-        return model(x, t, y)      # s = 1 is the conditional prediction: skip the unconditional half
+    if cfg_scale == 1 or not CFG_FROM <= t[0] < CFG_UNTIL:  # s = 1, or outside the guided interval:
+        return model(x, t, y)      # the conditional prediction alone, one pass instead of two
     if cfg_scale == 0:
         return model(x, t, null)   # s = 0 is the unconditional prediction
     v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)

@@ -72,8 +72,9 @@ WORDINGS = ["a photo of {a}", "{n}", "{a}", "the {n}", "{s}", "a photo of the {n
             "this is {a}", "a colour photo of {a}", "a black and white photo of {a}", "an old photo of {a}",
             "a pixelated photo of {a}", "{a}, outdoors", "a photo showing {a}", "the {n} in the photo"]
 CAPTION_DROPOUT = 0.1  # how often a training caption becomes "" (that trains the unconditional model)
-CFG_SCALE = 7.0        # classifier-free guidance scale s (1 = off)
-SWEEP_SCALES = [1, 2, 3, 5, 7]   # rows of cfg_sweep.png
+CFG_SCALE = 12.0       # classifier-free guidance scale s (1 = off) ...
+CFG_FROM, CFG_UNTIL = 0.3, 0.7   # ... for CFG_FROM <= t < CFG_UNTIL; the plain conditional prediction elsewhere
+SWEEP_SCALES = [1, 3, 6, 9, 12]  # rows of cfg_sweep.png
 ATTENTION_TIMES = [0.2, 0.5, 0.8]   # columns of attention.png: the points on the path where it looks
 CKPT_EVERY = 500       # also save a checkpoint (and a row of progress.png) every this many steps
 COMPILE = True         # torch.compile the model on a CUDA GPU: fused kernels, several times faster (slower start)
@@ -403,8 +404,8 @@ def guided_velocity(model, x, t, ids, cfg_scale, table):
     ids (B,) picks rows of the caption table = (text (K, L, Dt), mask (K, L)); its last row is "" (null)."""
     text, mask = table
     null = torch.full_like(ids, len(text) - 1)
-    if cfg_scale == 1:
-        return model(x, t, text[ids], mask[ids])     # s = 1 is the conditional prediction: skip the other half
+    if cfg_scale == 1 or not CFG_FROM <= t[0] < CFG_UNTIL:  # s = 1, or outside the guided interval: the
+        return model(x, t, text[ids], mask[ids])     # conditional prediction alone, one pass instead of two
     if cfg_scale == 0:
         return model(x, t, text[null], mask[null])   # s = 0 is the unconditional prediction
     both = torch.cat([ids, null])

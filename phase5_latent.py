@@ -80,7 +80,8 @@ WORDINGS = ["a photo of {a}", "{n}", "{a}", "the {n}", "{s}", "a photo of the {n
 FLOWERS = ["sunflower", "rose", "daffodil", "water lily", "purple coneflower", "tiger lily", "hibiscus",
            "bird of paradise"]   # default prompts (for your own --data: its first eight classes)
 CAPTION_DROPOUT = 0.1  # how often a training caption becomes "" (that trains the unconditional model)
-CFG_SCALE = 7.0        # classifier-free guidance scale s (1 = off)
+CFG_SCALE = 7.0        # classifier-free guidance scale s (1 = off) ...
+CFG_FROM, CFG_UNTIL = 0.0, 1.0   # ... for CFG_FROM <= t < CFG_UNTIL; the plain conditional prediction elsewhere
 SWEEP_SCALES = [1, 2, 3, 5, 7]   # rows of cfg_sweep.png
 ATTENTION_TIMES = [0.2, 0.5, 0.8]   # columns of attention.png: the points on the path where it looks
 CKPT_EVERY = 500       # also save a checkpoint (and a row of progress.png) every this many steps
@@ -509,8 +510,8 @@ def guided_velocity(model, x, t, ids, cfg_scale, table):
     ids (B,) picks rows of the caption table = (text (K, L, Dt), mask (K, L)); its last row is "" (null)."""
     text, mask = table
     null = torch.full_like(ids, len(text) - 1)
-    if cfg_scale == 1:
-        return model(x, t, text[ids], mask[ids])     # s = 1 is the conditional prediction: skip the other half
+    if cfg_scale == 1 or not CFG_FROM <= t[0] < CFG_UNTIL:  # s = 1, or outside the guided interval: the
+        return model(x, t, text[ids], mask[ids])     # conditional prediction alone, one pass instead of two
     if cfg_scale == 0:
         return model(x, t, text[null], mask[null])   # s = 0 is the unconditional prediction
     both = torch.cat([ids, null])
@@ -797,8 +798,7 @@ def setup_torchrun(args, device):
     """Past one device: `torchrun --nproc_per_node N phase5_latent.py` starts N copies of this script. They all
     draw the same random numbers (same seed), so they pick the same batch; each computes the loss on its share
     (SHARD) and DDP averages the gradients: the weights stay identical in every copy, and equal to one process
-    training on the whole batch. Copy 0 writes the files and prints; the others only train. Returns this copy's
-    device, and whether it is copy 0 (also when there is only one process)."""
+    training on the whole batch. Copy 0 (or the only one) writes and prints. Returns the device, and if copy 0."""
     global SHARD
     if "RANK" in os.environ:  # set by torchrun
         if device.type == "mps":  # gloo carries no MPS tensors: the gradients would not be averaged

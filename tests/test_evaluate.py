@@ -151,3 +151,24 @@ def test_coverage_of_one_class_is_zero_not_minus_zero(trained):
     net, images, labels, *_, saved = trained
     coverage = ev.scores(*ev.classify(net, images[labels == 3][:1].expand(4, -1, -1, -1), CPU), None, saved)["coverage"]
     assert coverage == 0 and str(round(coverage, 3)) == "0.0"
+
+
+def test_precision_recall_and_spread_like_the_reference_scorer():
+    g = torch.Generator().manual_seed(0)
+    real, labels = torch.randn(400, 8, generator=g), torch.arange(400) % 10
+    saved = {"test_features": real, "test_labels": labels}
+    same = ev.variety(real.double(), labels, saved)         # the real images themselves: all inside, as varied
+    assert same["precision"] == same["recall"] == 1.0 and same["spread"] == pytest.approx(1.0)
+    one = real[:1].repeat(400, 1).double()                  # one picture 400 times: real-looking, no variety
+    alike = ev.variety(one + 1e-3 * torch.randn(400, 8, generator=g, dtype=torch.float64), labels, saved)
+    assert alike["precision"] == 1.0 and alike["recall"] < 0.05 and alike["spread"] < 0.01
+    far = ev.variety(real.double() + 100, labels, saved)   # nowhere near the real images
+    assert far["precision"] == far["recall"] == 0.0
+    assert "spread" not in ev.variety(real.double(), None, saved)    # without labels: no classes to compare
+
+
+def test_scores_report_variety_when_the_cache_has_the_test_features(trained):
+    _, _, labels, probs, features, saved = trained
+    result = ev.scores(probs, features, labels, {**saved, "test_features": features.float(), "test_labels": labels})
+    assert result["recall"] == 1.0 and result["spread"] == pytest.approx(1.0)
+    assert "recall" not in ev.scores(probs, features, labels, saved)    # an older cache: the other scores only

@@ -30,13 +30,31 @@ def test_cfg_scale_1_is_conditional_and_scale_0_unconditional_exactly():
         assert torch.equal(p3.guided_velocity(model, x, t, y, 0.0), model(x, t, null))
 
 
-def test_doubled_batch_cfg_equals_two_separate_passes():
+def test_doubled_batch_cfg_equals_two_separate_passes(monkeypatch):
+    monkeypatch.setattr(p3, "CFG_FROM", 0.0)                    # guided over the whole path
+    monkeypatch.setattr(p3, "CFG_UNTIL", 1.0)
     model = small_model()
     x, t, y = torch.randn(6, 1, 28, 28), torch.rand(6), torch.arange(6)
     with torch.no_grad():
         v_c, v_u = model(x, t, y), model(x, t, torch.full((6,), 10))
         for s in (2.0, 4.5):
             assert torch.allclose(p3.guided_velocity(model, x, t, y, s), v_u + s * (v_c - v_u), atol=1e-5)
+
+
+def test_outside_the_guided_interval_one_pass_gives_the_conditional_prediction(monkeypatch):
+    monkeypatch.setattr(p3, "CFG_FROM", 0.3)
+    monkeypatch.setattr(p3, "CFG_UNTIL", 0.8)
+    model, x, y = small_model(), torch.randn(6, 1, 28, 28), torch.arange(6)
+    batches = []
+    model.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    with torch.no_grad():
+        for t0, guided in ((0.0, False), (0.29, False), (0.3, True), (0.79, True), (0.8, False), (0.99, False)):
+            t = torch.full((6,), t0)
+            v_c, v_u = model(x, t, y), model(x, t, torch.full((6,), p3.NUM_CLASSES))
+            batches.clear()
+            v = p3.guided_velocity(model, x, t, y, 5.0)
+            assert batches == ([12] if guided else [6]), t0                    # one pass over 6, not 12
+            assert torch.allclose(v, v_u + 5 * (v_c - v_u) if guided else v_c, atol=1e-5), t0
 
 
 def test_label_dropout_rate_and_null_index():

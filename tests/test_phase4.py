@@ -91,7 +91,9 @@ def test_fresh_text_block_is_the_identity():
     assert torch.equal(model.blocks[0](x, c, text, torch.ones(2, 5, dtype=torch.bool)), x)
 
 
-def test_cfg_scale_1_is_conditional_0_unconditional_and_doubled_batch_matches(encoder):
+def test_cfg_scale_1_is_conditional_0_unconditional_and_doubled_batch_matches(encoder, monkeypatch):
+    monkeypatch.setattr(p4, "CFG_FROM", 0.0)                    # guided over the whole path, and outside
+    monkeypatch.setattr(p4, "CFG_UNTIL", 0.9)                   # (t = 0.9 and later) the conditional alone
     model = small_model()
     captions = encoder.encode(["a photo of a dog", "a photo of a cat", ""])
     text, mask = captions
@@ -103,6 +105,8 @@ def test_cfg_scale_1_is_conditional_0_unconditional_and_doubled_batch_matches(en
         assert torch.equal(p4.guided_velocity(model, x, t, y, 0.0, captions), v_u)
         assert torch.allclose(p4.guided_velocity(model, x, t, y, 4.0, captions), v_u + 4 * (v_c - v_u), atol=1e-5)
         assert not torch.allclose(v_c, v_u)
+        late = torch.full((2,), 0.9)
+        assert torch.equal(p4.guided_velocity(model, x, late, y, 4.0, captions), model(x, late, text[y], mask[y]))
 
 
 def test_sample_text_conditional_draws_each_prompt_in_turn_with_cfg(encoder):
