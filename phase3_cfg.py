@@ -58,7 +58,7 @@ SAMPLE_STEPS, NUM_SAMPLES = 25, 10   # Euler steps from noise to data; images dr
 NUM_CLASSES = 10       # digits 0..9; index 10 is the "null" class: no label
 LABEL_DROPOUT = 0.1    # how often a training label becomes the null class (that trains the unconditional model)
 CFG_SCALE = 5.0        # classifier-free guidance scale s (1 = off) ...
-CFG_FROM, CFG_UNTIL = 0.0, 1.0   # ... for CFG_FROM <= t < CFG_UNTIL; the plain conditional prediction elsewhere
+CFG_FROM, CFG_UNTIL = 0.1, 1.0   # ... for CFG_FROM <= t < CFG_UNTIL; the plain conditional prediction elsewhere
 SWEEP_SCALES = [1, 2, 3, 5, 7]   # rows of cfg_sweep.png
 CKPT_EVERY = 500       # also save a checkpoint (and a row of progress.png) every this many steps
 COMPILE = True         # torch.compile the model on a CUDA GPU: fused kernels, several times faster (slower start)
