@@ -63,9 +63,8 @@ LOCKS = {}  # --out-dir -> the open folder this process holds a lock on
 
 
 def check_writable(out_dir, npz=None):
-    """Make sure --out-dir (and --save-npz's folder) can be written now, not after an hour of training, and that no
-    other run uses --out-dir: two would overwrite each other's checkpoint. Folders made here are removed at exit if
-    still empty: a run that stops before it writes anything leaves nothing behind."""
+    """Check now, not after an hour of training, that --out-dir (and --save-npz's folder) can be written and that no
+    other run uses --out-dir. Folders made here and still empty at exit are removed: a failed run leaves nothing."""
     for folder in [out_dir] + ([os.path.dirname(os.path.abspath(npz))] if npz else []):
         probe, top = os.path.join(folder, ".write-test"), os.path.abspath(folder)
         while not os.path.exists(os.path.dirname(top)):  # the outermost folder that is not there yet
@@ -80,8 +79,9 @@ def check_writable(out_dir, npz=None):
             fail(f"cannot write to {folder!r} ({e.strerror}): choose another --out-dir / --save-npz")
     try:  # the system's lock on the folder lasts as long as this process, however it ends (POSIX; Windows: no lock)
         import fcntl
-        fcntl.flock(LOCKS.setdefault(os.path.realpath(out_dir), os.open(out_dir, os.O_RDONLY)), fcntl.LOCK_EX | 4)
-    except OSError:  # 4: LOCK_NB, do not wait
+        key = os.path.realpath(out_dir)  # the folder is opened once per process; a later call takes the lock again
+        fcntl.flock(LOCKS.get(key) or LOCKS.setdefault(key, os.open(key, os.O_RDONLY)), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
         fail(f"another run is using {out_dir!r} now: wait until it ends, or choose another --out-dir")
     except ImportError:
         pass
@@ -135,10 +135,11 @@ def settle(args, config, defaults):
     """A checkpoint keeps its batch size and learning rate: a resume goes on with them unless the command line gives
     others, which are named. defaults: {flag's dest: the setting}, for a new run."""
     for k, default in defaults.items():
-        setattr(args, k, config.get(k, default) if getattr(args, k) is None else getattr(args, k))
-        if config.setdefault(k, getattr(args, k)) != getattr(args, k):
-            print(f"note: --{k.replace('_', '-')} {getattr(args, k)}, not the checkpoint's {config[k]}", file=sys.stderr)
-            config[k] = getattr(args, k)
+        value = config.get(k, default) if getattr(args, k) is None else getattr(args, k)
+        if config.get(k, value) != value:
+            print(f"note: --{k.replace('_', '-')} {value}, not the checkpoint's {config[k]}", file=sys.stderr)
+        setattr(args, k, value)
+        config[k] = value
 
 
 class Terminated(KeyboardInterrupt):
@@ -148,8 +149,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def random_state(device):
-    """The random generators a run draws from: the CPU's, and the CUDA or MPS device's where it trains. Saved and
-    restored, a resumed run draws the same batches, noise and times as one long run."""
+    """The CPU's random generator and the training device's (CUDA, MPS): a resume draws what one long run would."""
     return {"rng": torch.get_rng_state(), "device_rng": None if device.type == "cpu" else
             torch.get_device_module(device).get_rng_state(), "device_type": device.type}
 
@@ -178,8 +178,8 @@ def get_device(name="auto"):
     have = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     name = next(n for n in have if have[n]) if name.lower() == "auto" else name.lower()
     if not have.get(name, True):
-        fail(f"--device {name}: " + ("no CUDA GPU is visible to PyTorch" if name == "cuda" else "Apple's MPS backend is "
-             "not available") + " here (use --device auto or --device cpu)")
+        fail(f"--device {name}: " + ("no CUDA GPU is visible to PyTorch" if name == "cuda" else
+             "Apple's MPS backend is not available") + " here (use --device auto or --device cpu)")
     elif name not in have:
         fail(f"unknown --device {name!r}: choose auto, cpu, cuda or mps")
     if name == "cpu":  # PyTorch's fused CPU attention kernel trains ~2x slower than its plain-matmul version;
@@ -214,7 +214,7 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12,
 
 def step_flops(batch_loss):
     """The FLOPs of one training step, forward and backward, as PyTorch counts them on one batch; the random numbers
-    it draws are put back. Eagerly: before PyTorch 2.14, a compiled model first called under the counter stayed eager."""
+    it draws are put back. Eagerly: before PyTorch 2.14, a compiled model first counted stayed eager."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.random.fork_rng([torch.cuda.current_device()] if torch.cuda.is_available() else []):
         with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
@@ -287,12 +287,12 @@ def load_image_folder(folder, image_size):
     if not os.path.isdir(folder):
         fail(f"{folder!r} is not a folder of images" if os.path.exists(folder) else f"{folder!r} does not exist")
     listed = {d.name: sorted(os.listdir(d.path)) for d in os.scandir(folder) if d.is_dir()}  # class -> its files
-    files = [(c, os.path.join(folder, c, f)) for c in sorted(listed) for f in listed[c] if f.lower().endswith(
-             IMAGE_EXTENSIONS)]
+    files = [(c, os.path.join(folder, c, f)) for c in sorted(listed) for f in listed[c]
+             if f.lower().endswith(IMAGE_EXTENSIONS)]
     classes = sorted({c for c, _ in files})  # a class needs an image: an empty folder (or a link loop) is none
-    skipped = [f"{c}/" for c in listed if c not in classes] + [f"{c}/{f}" for c in classes for f in listed[c]
-                                                                if not f.lower().endswith(IMAGE_EXTENSIONS) | f.startswith(".")]
-    if skipped:  # hidden files (.DS_Store) are not worth a word
+    skipped = [f"{c}/" for c in listed if c not in classes] + [  # hidden files (.DS_Store) are not worth a word
+        f"{c}/{f}" for c in classes for f in listed[c] if not (f.lower().endswith(IMAGE_EXTENSIONS) or f[0] == ".")]
+    if skipped:
         print(f"warning: skipped {len(skipped)} folder(s) or file(s) that are not class/<image>{IMAGE_EXTENSIONS}: "
               f"{', '.join(skipped[:5])}", file=sys.stderr, flush=True)
     if not files:

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import autocast, cache_dir, fail, get_device, load_dataset
+from common import atomic_write, autocast, cache_dir, fail, get_device, load_dataset
 
 DATASETS = {  # name: (shape of one image in the npz, the classifier's stage widths, training epochs)
     "mnist": ((28, 28, 1), (32, 64, 128), 3),
@@ -145,8 +145,7 @@ def get_classifier(dataset, data_root, device):
     if saved is not None and "test_features" not in saved:  # cached before the variety scores: the test set's
         test = load_dataset(dataset, data_root, train=False)   # features are added, once
         saved["test_features"], saved["test_labels"] = classify(net.eval(), test.images, device)[1].float(), test.labels
-        torch.save(saved, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_write(path, lambda f: torch.save(saved, f))
     if saved is not None:
         return net.eval(), saved
     train, test = load_dataset(dataset, data_root, train=True), load_dataset(dataset, data_root, train=False)
@@ -160,9 +159,7 @@ def get_classifier(dataset, data_root, device):
              "train_seconds": round(seconds, 1), "test_mean": features.mean(0), "test_cov": torch.cov(features.T),
              "test_features": features.float(), "test_labels": test.labels,
              "train_features": classify(net, train.images[floor_ids], device)[1].float()}
-    os.makedirs(cache_dir(), exist_ok=True)
-    torch.save(saved, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: an interrupted run never leaves half a classifier behind
+    atomic_write(path, lambda f: torch.save(saved, f))  # an interrupted run never leaves half a classifier behind
     return net, saved
 
 

@@ -11,8 +11,7 @@ import evaluate
 import phase1_flow as p1
 import phase5_latent as p5
 from conftest import ROOT
-
-PHASES = ["phase1_flow.py", "phase2_dit.py", "phase3_cfg.py", "phase4_clip.py", "phase5_latent.py"]
+from test_tutorial import PHASES
 FAST = ["--steps", "3", "--batch-size", "8", "--num-samples", "4", "--sample-steps", "2", "--width", "16",
         "--device", "cpu"]
 
