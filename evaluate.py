@@ -1,16 +1,19 @@
 """
-Score the samples of phases 1-4, the way docs/RESULTS.md does:
+Score the samples of phases 1-6, the way docs/RESULTS.md does:
 
     python phase3_cfg.py --num-samples 100 --save-npz out/phase3/samples.npz
     python evaluate.py out/phase3/samples.npz                  # add --json scores.json to keep the numbers
 
-A classifier trained on the real training set (the first time: 2 minutes for MNIST and 16 for CIFAR-10 on 2 CPU
-cores with bf16, 1.6-1.8x that in fp32; then cached) looks at every sample. The image shape says which dataset:
+A classifier trained on real images (the first time: 2 minutes for MNIST, 16 for CIFAR-10 and 11 for Flowers-102
+on 2 CPU cores with bf16, 1.6-1.8x that in fp32; then cached) looks at every sample. The image shape says which
+dataset: 28x28 MNIST, 32x32x3 CIFAR-10, 64x64x3 Flowers-102 (phases 5-6's default data; that classifier learns
+from the official test split, 6,149 photos, and is judged on train + val, 2,040, 20 a flower). Samples asked for
+some classes only (phase 5's 8 flowers of 102) are compared with the real images of those classes:
 
   accuracy    fraction of the samples classified as the class they were asked to be (only when the npz has
               labels; phase 4's prompts count through the CIFAR class they name, the others are left out)
   confidence  mean top-class probability: does each sample look like *some* class?
-  coverage    entropy of the predicted classes / log(10): 1 = all ten equally often, 0 = always the same one
+  coverage    entropy of the predicted classes / log(classes): 1 = all equally often, 0 = always the same one
   FID         Frechet distance between Gaussians fitted to the classifier's features of the samples and of the
               real test set: quality and variety in one number, lower is better. It grows as N shrinks, so it is
               printed beside its floor: N real *training* images scored the same way, the best a model can do.
@@ -34,19 +37,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import atomic_write, autocast, cache_dir, fail, get_device, load_dataset
+from common import ImageData, atomic_write, autocast, cache_dir, fail, get_device, load_dataset
 
-DATASETS = {  # name: (shape of one image in the npz, the classifier's stage widths, training epochs)
-    "mnist": ((28, 28, 1), (32, 64, 128), 3),
-    "cifar10": ((32, 32, 3), (64, 128, 256), 10),
+DATASETS = {  # name: (shape of one image in the npz, the classifier's stage widths, training epochs, classes)
+    "mnist": ((28, 28, 1), (32, 64, 128), 3, 10),
+    "cifar10": ((32, 32, 3), (64, 128, 256), 10, 10),
+    "flowers102": ((64, 64, 3), (32, 64, 128, 256), 30, 102),
 }
+FLOWERS_HELD_OUT = 2040     # Flowers-102's official train + val splits, which load_dataset pools first
 BATCH_SIZE, LR = 256, 0.1   # SGD with Nesterov momentum, one cycle: linear warmup over 20%, then linear to 0
 FLOOR_IMAGES = 10_000       # training images whose features are kept for the floor
 MAX_SAMPLES = 100_000       # more would only cost memory and time: FID settles long before
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Score samples saved with --save-npz (phases 1-4).")
+    p = argparse.ArgumentParser(description="Score samples saved with --save-npz (phases 1-6).")
     p.add_argument("npz", help="a file written by a phase's --save-npz")
     p.add_argument("--dataset", choices=list(DATASETS), help="default: from the image shape")
     p.add_argument("--json", metavar="PATH", help="also write the scores to this file")
@@ -64,16 +69,16 @@ def conv_bn(c_in, c_out):
 
 class Classifier(nn.Module):
     """A stem conv, then stages of (conv, 2x2 max-pool, conv) that each halve the image. A global max-pool gives
-    the feature vector that FID compares (the last stage's width); a linear layer maps it to the 10 classes."""
+    the feature vector that FID compares (the last stage's width); a linear layer maps it to the classes."""
 
-    def __init__(self, channels, widths):
+    def __init__(self, channels, widths, classes=10):
         super().__init__()
         layers, c = [conv_bn(channels, widths[0] // 2)], widths[0] // 2
         for w in widths:
             layers += [conv_bn(c, w), nn.MaxPool2d(2), conv_bn(w, w)]
             c = w
         self.features = nn.Sequential(*layers, nn.AdaptiveMaxPool2d(1), nn.Flatten())
-        self.head = nn.Linear(c, 10)
+        self.head = nn.Linear(c, classes)
 
     def forward(self, x):                      # x: (B, C, H, W) in [-1, 1]
         features = self.features(x)
@@ -93,9 +98,9 @@ def augment(x, flip, shift=2):
     return x + 0.1 * torch.rand(b, 1, 1, 1, device=x.device) * torch.randn_like(x)
 
 
-def train_classifier(data, widths, epochs, device, amp):
+def train_classifier(data, widths, epochs, device, amp, classes=10):
     torch.manual_seed(0)
-    net = Classifier(data.images.shape[1], widths).to(device)
+    net = Classifier(data.images.shape[1], widths, classes).to(device)
     steps = max(1, epochs * len(data.images) // BATCH_SIZE)
     opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9, nesterov=True, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, LR, total_steps=steps, pct_start=0.2, anneal_strategy="linear")
@@ -104,7 +109,7 @@ def train_classifier(data, widths, epochs, device, amp):
     for step in range(1, steps + 1):
         x, y = data.random_batch(BATCH_SIZE)
         with amp:
-            loss = F.cross_entropy(net(augment(x, flip))[0], y, label_smoothing=0.1)
+            loss = F.cross_entropy(net(augment(x, flip, max(2, x.shape[-1] // 16)))[0], y, label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -117,7 +122,7 @@ def train_classifier(data, widths, epochs, device, amp):
 
 @torch.no_grad()
 def classify(net, images, device):
-    """uint8 images (N, C, H, W) -> class probabilities (N, 10) and features (N, D), float64 on the CPU. In fp32
+    """uint8 images (N, C, H, W) -> class probabilities (N, classes) and features (N, D), float64 on the CPU. In fp32
     on every machine, so the numbers do not depend on the precision a CPU happens to be fast at; float64 only on
     the CPU (Apple's MPS has none)."""
     probs, features = [], []
@@ -130,35 +135,47 @@ def classify(net, images, device):
     return torch.cat(probs), torch.cat(features)
 
 
+def real_images(dataset, data_root):
+    """The real images the classifier learns from, and the held-out ones it is judged on and samples are compared
+    with. Phase 5 trains on all 8,189 flowers: its classifier learns from the official test split (the largest)."""
+    if dataset != "flowers102":
+        return load_dataset(dataset, data_root, train=True), load_dataset(dataset, data_root, train=False)
+    pooled, n = load_dataset(dataset, data_root, image_size=64), FLOWERS_HELD_OUT
+    return (ImageData(pooled.images[n:], pooled.labels[n:], pooled.classes),
+            ImageData(pooled.images[:n], pooled.labels[:n], pooled.classes))
+
+
 def get_classifier(dataset, data_root, device):
     """The cached classifier with its test accuracy, the test set's feature Gaussian and features (for recall and
     spread) and features of real training images (for the floor); trained and cached the first time."""
-    _, widths, epochs = DATASETS[dataset]
+    (_, _, channels), widths, epochs, classes = DATASETS[dataset]
     path = os.path.join(cache_dir(), f"classifier-{dataset}-{'-'.join(map(str, widths))}x{epochs}.pt")
-    channels = DATASETS[dataset][0][2]
-    net = Classifier(channels, widths).to(device)
+    net = Classifier(channels, widths, classes).to(device)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(saved["net"])
     except Exception:  # noqa: BLE001 - missing or broken: trained again
         saved = None
-    if saved is not None and "test_features" not in saved:  # cached before the variety scores: the test set's
-        test = load_dataset(dataset, data_root, train=False)   # features are added, once
+    floor_ids = lambda n: torch.randperm(n, generator=torch.Generator().manual_seed(0))[:FLOOR_IMAGES]  # noqa: E731
+    if saved is not None and "train_labels" not in saved:  # cached before the variety scores: the test set's
+        train, test = real_images(dataset, data_root)        # features and the floor images' labels are added, once
         saved["test_features"], saved["test_labels"] = classify(net.eval(), test.images, device)[1].float(), test.labels
+        saved["train_labels"] = train.labels[floor_ids(len(train.images))]
         atomic_write(path, lambda f: torch.save(saved, f))
     if saved is not None:
         return net.eval(), saved
-    train, test = load_dataset(dataset, data_root, train=True), load_dataset(dataset, data_root, train=False)
+    train, test = real_images(dataset, data_root)
     print(f"training a {dataset} classifier on {len(train.images)} real images (once; cached in {path})", flush=True)
     t0 = time.time()
-    net = train_classifier(train.to(device), widths, epochs, device, autocast(device))
+    net = train_classifier(train.to(device), widths, epochs, device, autocast(device), classes)
     seconds = time.time() - t0
     probs, features = classify(net, test.images, device)
-    floor_ids = torch.randperm(len(train.images), generator=torch.Generator().manual_seed(0))[:FLOOR_IMAGES]
+    floor = floor_ids(len(train.images))
     saved = {"net": net.state_dict(), "test_accuracy": (probs.argmax(1) == test.labels).double().mean().item(),
              "train_seconds": round(seconds, 1), "test_mean": features.mean(0), "test_cov": torch.cov(features.T),
              "test_features": features.float(), "test_labels": test.labels,
-             "train_features": classify(net, train.images[floor_ids], device)[1].float()}
+             "train_features": classify(net, train.images[floor], device)[1].float(),
+             "train_labels": train.labels[floor]}
     atomic_write(path, lambda f: torch.save(saved, f))  # an interrupted run never leaves half a classifier behind
     return net, saved
 
@@ -199,17 +216,30 @@ def variety(features, labels, saved, k=3):
     result = {"precision": covered(g, r, k).float().mean().item(), "recall": covered(r, g, k).float().mean().item()}
     mean_distance = lambda f: (torch.cdist(f, f).sum() / (len(f) * (len(f) - 1))).item()  # noqa: E731
     spreads = [mean_distance(features[labels == c].float()) / mean_distance(real[real_labels == c].float())
-               for c in range(10) if labels is not None and (labels == c).sum() > 1 and (real_labels == c).sum() > 1]
+               for c in range(int(real_labels.max()) + 1)
+               if labels is not None and (labels == c).sum() > 1 and (real_labels == c).sum() > 1]
     return {**result, **({"spread": float(np.mean(spreads))} if spreads else {})}
 
 
+def compared_with(saved, labels, classes):
+    """The real images that samples are compared with: all of them; or, when the samples were asked for some of the
+    classes only (phase 5's 8 default flowers of 102), the real images of those classes, for FID, floor and recall."""
+    asked = labels[labels >= 0].unique() if labels is not None else torch.arange(classes)
+    if len(asked) in (0, classes) or "train_labels" not in saved:
+        return saved
+    test, train = torch.isin(saved["test_labels"], asked), torch.isin(saved["train_labels"], asked)
+    features = saved["test_features"][test].double()
+    return {**saved, "test_mean": features.mean(0), "test_cov": torch.cov(features.T), "test_labels": saved[
+        "test_labels"][test], "test_features": features.float(), "train_features": saved["train_features"][train]}
+
+
 def scores(probs, features, labels, saved):
-    """All the numbers for one set of samples: probs (N, 10), features (N, D), labels (N,) or None."""
-    predicted = probs.argmax(1)
-    share = torch.bincount(predicted, minlength=10).double() / len(predicted)
+    """All the numbers for one set of samples: probs (N, classes), features (N, D), labels (N,) or None."""
+    saved, predicted = compared_with(saved, labels, probs.shape[1]), probs.argmax(1)
+    share = torch.bincount(predicted).double() / len(predicted)
     share = share[share > 0]
-    result = {"n": len(predicted), "confidence": probs.max(1).values.mean().item(),
-              "coverage": abs((share * share.log()).sum().item()) / math.log(10), "fid": fid(features, saved),
+    result = {"n": len(predicted), "confidence": probs.max(1).values.mean().item(), "fid": fid(features, saved),
+              "coverage": abs((share * share.log()).sum().item()) / math.log(probs.shape[1]),
               "fid_floor": fid(saved["train_features"][:len(predicted)].double(), saved),
               "fid_floor_n": min(len(predicted), len(saved["train_features"]))}
     if labels is not None and (labels >= 0).any():
@@ -240,17 +270,19 @@ def load_samples(path, dataset=None):
     shape = images.shape
     if images.ndim == 3:
         images = images[..., None]  # grey (N, H, W) -> (N, H, W, 1)
-    matches = [name for name, (wanted, _, _) in DATASETS.items() if images.shape[1:] == wanted]
+    matches = [name for name, (wanted, *_) in DATASETS.items() if images.shape[1:] == wanted]
     matches = matches if images.dtype == np.uint8 else []  # floats would need a guess at their range: refused
     if not matches or dataset not in (None, *matches) or len(images) < 2:
         fail(f"{path}: images of shape {shape} and dtype {images.dtype}; expected at least 2 uint8 images of "
-             f"(28, 28) for mnist or (32, 32, 3) for cifar10" + (f" (--dataset {dataset})" if dataset else ""))
+             f"(28, 28) for mnist, (32, 32, 3) for cifar10 or (64, 64, 3) for flowers102"
+             + (f" (--dataset {dataset})" if dataset else ""))
+    dataset, classes = dataset or matches[0], DATASETS[dataset or matches[0]][3]
     if labels is not None and (labels.dtype.kind not in "iu" or labels.shape != (len(images),) or labels.min() < -1
-                               or labels.max() > 9):
-        fail(f"{path}: 'labels' must be one integer class 0-9 (or -1) per image (it holds {labels.dtype}, shape "
-             f"{labels.shape})")
+                               or labels.max() >= classes):
+        fail(f"{path}: 'labels' must be one integer class 0-{classes - 1} (or -1) per image (it holds {labels.dtype}, "
+             f"shape {labels.shape})")
     return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
-            None if labels is None else torch.from_numpy(labels).long(), dataset or matches[0])
+            None if labels is None else torch.from_numpy(labels).long(), dataset)
 
 
 def main(argv=None):
@@ -258,7 +290,7 @@ def main(argv=None):
     images, labels, dataset = load_samples(args.npz, args.dataset)
     device = get_device(args.device)
     net, saved = get_classifier(dataset, args.data_root, device)
-    print(f"{dataset} classifier: {saved['test_accuracy']:.2%} on the real test set "
+    print(f"{dataset} classifier: {saved['test_accuracy']:.2%} on held-out real images "
           f"(trained in {saved['train_seconds'] / 60:.1f} min)", flush=True)
     result = {"npz": args.npz, "dataset": dataset, "classifier_test_accuracy": saved["test_accuracy"],
               **scores(*classify(net, images, device), labels, saved)}

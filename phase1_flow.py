@@ -219,17 +219,17 @@ def save_checkpoint(path, model, ema, opt, step, config, extra):
     atomic_write(path, lambda f: torch.save(state, f))  # a kill or a full disk never leaves a broken ckpt.pt
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, phase=PHASE, fix="move it away or use another --out-dir"):
     """Tensors and plain data only (weights_only: a crafted file runs no code), into CPU memory on every device
-    (restore() copies each tensor to its module's device); another phase's checkpoint is refused."""
+    (restore() copies each tensor to its module's device); another phase's checkpoint is refused: `fix` says why."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state["config"], state["step"]  # noqa: B018 - check the keys exist
     except Exception as e:  # noqa: BLE001
-        fail(f"checkpoint {path} is unreadable ({type(e).__name__}); move it away or use another --out-dir")
-    if state.get("phase") != PHASE:
+        fail(f"checkpoint {path} is unreadable ({type(e).__name__}); {fix}")
+    if state.get("phase") != phase:
         who = f"phase {state['phase']}" if "phase" in state else "an older version of these scripts"
-        fail(f"{path} was written by {who}, not phase {PHASE}: use another --out-dir")
+        fail(f"{path} was written by {who}, not phase {phase}: {fix}")
     return state
 
 

@@ -59,7 +59,7 @@ NUM_CLASSES = 10       # digits 0..9; index 10 is the "null" class: no label
 LABEL_DROPOUT = 0.1    # how often a training label becomes the null class (that trains the unconditional model)
 CFG_SCALE = 5.0        # classifier-free guidance scale s (1 = off) ...
 CFG_FROM, CFG_UNTIL = 0.1, 1.0   # ... for CFG_FROM <= t < CFG_UNTIL; the plain conditional prediction elsewhere
-SWEEP_SCALES = [1, 2, 3, 5, 7]   # rows of cfg_sweep.png
+SWEEP_SCALES = [1, 2, 3, 5, 7]   # rows of cfg_sweep.png; then --cfg-scale on the whole path (what the interval does)
 CKPT_EVERY = 500       # also save a checkpoint (and a row of progress.png) every this many steps
 COMPILE = True         # torch.compile the model on a CUDA GPU: fused kernels, several times faster (slower start)
 STEPS_ROWS = [1, 2, 4, 8, 16, 50]   # rows of steps.png: the same noise, integrated in this many Euler steps
@@ -289,10 +289,10 @@ def euler_sample(velocity, noise, steps):
     return x, trajectory
 
 
-def guided_velocity(model, x, t, y, cfg_scale):
+def guided_velocity(model, x, t, y, cfg_scale, interval=None):
     """v_uncond + s * (v_cond - v_uncond), both predictions from ONE forward pass over a doubled batch."""
-    null = torch.full_like(y, NUM_CLASSES)
-    if cfg_scale == 1 or not CFG_FROM <= t[0] < CFG_UNTIL:  # s = 1, or outside the guided interval:
+    null, (start, until) = torch.full_like(y, NUM_CLASSES), interval or (CFG_FROM, CFG_UNTIL)
+    if cfg_scale == 1 or not start <= t[0] < until:  # s = 1, or outside the guided interval:
         return model(x, t, y)      # the conditional prediction alone, one pass instead of two
     if cfg_scale == 0:
         return model(x, t, null)   # s = 0 is the unconditional prediction
@@ -300,9 +300,9 @@ def guided_velocity(model, x, t, y, cfg_scale):
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
-def sample_conditional(model, labels, cfg_scale, steps, noise):
-    """Euler sampling of images of the given labels (B,), guided with scale cfg_scale, from noise (B, C, H, W)."""
-    return euler_sample(lambda x, t: guided_velocity(model, x, t, labels, cfg_scale), noise, steps)
+def sample_conditional(model, labels, cfg_scale, steps, noise, interval=None):
+    """Euler sampling of images of labels (B,), guided with scale cfg_scale (for t in interval), from noise."""
+    return euler_sample(lambda x, t: guided_velocity(model, x, t, labels, cfg_scale, interval), noise, steps)
 
 
 def sample_each_class(model, classes, per_class, cfg_scale, steps, gen):
@@ -325,17 +325,17 @@ def save_checkpoint(path, model, ema, opt, step, config, extra):
     atomic_write(path, lambda f: torch.save(state, f))  # a kill or a full disk never leaves a broken ckpt.pt
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, phase=PHASE, fix="move it away or use another --out-dir"):
     """Tensors and plain data only (weights_only: a crafted file runs no code), into CPU memory on every device
-    (restore() copies each tensor to its module's device); another phase's checkpoint is refused."""
+    (restore() copies each tensor to its module's device); another phase's checkpoint is refused: `fix` says why."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state["config"], state["step"]  # noqa: B018 - check the keys exist
     except Exception as e:  # noqa: BLE001
-        fail(f"checkpoint {path} is unreadable ({type(e).__name__}); move it away or use another --out-dir")
-    if state.get("phase") != PHASE:
+        fail(f"checkpoint {path} is unreadable ({type(e).__name__}); {fix}")
+    if state.get("phase") != phase:
         who = f"phase {state['phase']}" if "phase" in state else "an older version of these scripts"
-        fail(f"{path} was written by {who}, not phase {PHASE}: use another --out-dir")
+        fail(f"{path} was written by {who}, not phase {phase}: {fix}")
     return state
 
 
@@ -447,20 +447,20 @@ def generate(args, model, device, amp):
     save_grid(images.view(len(args.digit), args.num_samples, *IMAGE_SHAPE)[:, :cols].flatten(0, 1),
               os.path.join(args.out_dir, "samples.png"), nrow=cols)
     # Four more pictures, from one noise per digit: how noise becomes a digit (a strip of 9 moments and an animation
-    # of every step), what the same noise gives with fewer Euler steps (straight paths need few), and what the
-    # guidance scale does.
+    # of every step), what the same noise gives with fewer Euler steps (straight paths need few), the guidance scale.
     rows = labels[::args.num_samples].to(device)
     noise = torch.randn(len(args.digit), *IMAGE_SHAPE, generator=gen).to(device)
     with amp:
         _, traj = sample_conditional(model, rows, args.cfg_scale, args.sample_steps, noise)
         by_steps = [sample_conditional(model, rows, args.cfg_scale, n, noise)[0] for n in STEPS_ROWS]
-        sweep = [sample_conditional(model, rows, s, args.sample_steps, noise)[0] for s in SWEEP_SCALES]
+        sweep = [sample_conditional(model, rows, s, args.sample_steps, noise, span)[0]
+                 for s, span in [(s, None) for s in SWEEP_SCALES] + [(args.cfg_scale, (0, 1))]]
     strip = torch.stack([traj[round(i * args.sample_steps / 8)].cpu() for i in range(9)], 1)  # rows = digits,
     save_grid(strip.flatten(0, 1), os.path.join(args.out_dir, "trajectory.png"), nrow=9)  # columns = t from 0 to 1
     save_grid(torch.cat(by_steps), os.path.join(args.out_dir, "steps.png"), nrow=len(noise),
               titles=[f"{n} step" + "s" * (n > 1) for n in STEPS_ROWS])
     save_grid(torch.cat(sweep), os.path.join(args.out_dir, "cfg_sweep.png"), nrow=len(noise),
-              titles=[f"cfg scale {s}" for s in SWEEP_SCALES])
+              titles=[f"cfg scale {s}" for s in SWEEP_SCALES] + [f"cfg scale {args.cfg_scale:g}, every t"])
     frames = [save_grid(x.cpu(), None, nrow=len(noise)) for x in traj]  # every Euler step, drawn as the pictures are
     frames[0].save(os.path.join(args.out_dir, "trajectory.gif"), save_all=True, append_images=frames[1:], loop=0,
                    duration=[60] * (len(frames) - 1) + [1500])  # ms per frame; the finished digits stay 1.5 s

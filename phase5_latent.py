@@ -80,9 +80,9 @@ WORDINGS = ["a photo of {a}", "{n}", "{a}", "the {n}", "{s}", "a photo of the {n
 FLOWERS = ["sunflower", "rose", "daffodil", "water lily", "purple coneflower", "tiger lily", "hibiscus",
            "bird of paradise"]   # default prompts (for your own --data: its first eight classes)
 CAPTION_DROPOUT = 0.1  # how often a training caption becomes "" (that trains the unconditional model)
-CFG_SCALE = 7.0        # classifier-free guidance scale s (1 = off) ...
-CFG_FROM, CFG_UNTIL = 0.0, 1.0   # ... for CFG_FROM <= t < CFG_UNTIL; the plain conditional prediction elsewhere
-SWEEP_SCALES = [1, 2, 3, 5, 7]   # rows of cfg_sweep.png
+CFG_SCALE = 10.0       # classifier-free guidance scale s (1 = off) ...
+CFG_FROM, CFG_UNTIL = 0.3, 0.8   # ... for CFG_FROM <= t < CFG_UNTIL; the plain conditional prediction elsewhere
+SWEEP_SCALES = [1, 3, 5, 7, 10]  # rows of cfg_sweep.png; then --cfg-scale on the whole path (what the interval does)
 ATTENTION_TIMES = [0.2, 0.5, 0.8]   # columns of attention.png: the points on the path where it looks
 CKPT_EVERY = 500       # also save a checkpoint (and a row of progress.png) every this many steps
 COMPILE = True         # torch.compile the model on a CUDA GPU: fused kernels, several times faster (slower start)
@@ -504,13 +504,13 @@ def euler_sample(velocity, noise, steps):
     return x, trajectory
 
 
-def guided_velocity(model, x, t, ids, cfg_scale, table):
+def guided_velocity(model, x, t, ids, cfg_scale, table, interval=None):
     """v_uncond + s * (v_cond - v_uncond), both predictions from ONE forward pass over a doubled batch.
 
     ids (B,) picks rows of the caption table = (text (K, L, Dt), mask (K, L)); its last row is "" (null)."""
-    text, mask = table
+    (text, mask), (start, until) = table, interval or (CFG_FROM, CFG_UNTIL)
     null = torch.full_like(ids, len(text) - 1)
-    if cfg_scale == 1 or not CFG_FROM <= t[0] < CFG_UNTIL:  # s = 1, or outside the guided interval: the
+    if cfg_scale == 1 or not start <= t[0] < until:  # s = 1, or outside the guided interval: the
         return model(x, t, text[ids], mask[ids])     # conditional prediction alone, one pass instead of two
     if cfg_scale == 0:
         return model(x, t, text[null], mask[null])   # s = 0 is the unconditional prediction
@@ -519,9 +519,9 @@ def guided_velocity(model, x, t, ids, cfg_scale, table):
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
-def sample_conditional(model, ids, cfg_scale, steps, noise, table):
-    """Euler sampling of images of the table rows ids (B,), guided with scale cfg_scale, from noise."""
-    return euler_sample(lambda x, t: guided_velocity(model, x, t, ids, cfg_scale, table), noise, steps)
+def sample_conditional(model, ids, cfg_scale, steps, noise, table, interval=None):
+    """Euler sampling of images of the caption table rows ids (B,), guided at cfg_scale (t in interval), from noise."""
+    return euler_sample(lambda x, t: guided_velocity(model, x, t, ids, cfg_scale, table, interval), noise, steps)
 
 
 def sample_text_conditional(model, table, per_prompt, cfg_scale, steps, gen):
@@ -564,17 +564,17 @@ def save_checkpoint(path, model, ema, opt, step, config, extra):
     atomic_write(path, lambda f: torch.save(state, f))  # a kill or a full disk never leaves a broken ckpt.pt
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, phase=PHASE, fix="move it away or use another --out-dir"):
     """Tensors and plain data only (weights_only: a crafted file runs no code), into CPU memory on every device
-    (restore() copies each tensor to its module's device); another phase's checkpoint is refused."""
+    (restore() copies each tensor to its module's device); another phase's checkpoint is refused: `fix` says why."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state["config"], state["step"]  # noqa: B018 - check the keys exist
     except Exception as e:  # noqa: BLE001
-        fail(f"checkpoint {path} is unreadable ({type(e).__name__}); move it away or use another --out-dir")
-    if state.get("phase") != PHASE:
+        fail(f"checkpoint {path} is unreadable ({type(e).__name__}); {fix}")
+    if state.get("phase") != phase:
         who = f"phase {state['phase']}" if "phase" in state else "an older version of these scripts"
-        fail(f"{path} was written by {who}, not phase {PHASE}: use another --out-dir")
+        fail(f"{path} was written by {who}, not phase {phase}: {fix}")
     return state
 
 
@@ -760,16 +760,16 @@ def generate(args, model, table, words, vae, config, device, amp):
     cols = min(args.num_samples, 10)  # grid: one row per prompt, up to 10 samples each
     save_grid(images.view(len(args.prompt), args.num_samples, *images.shape[1:])[:, :cols].flatten(0, 1),
               os.path.join(args.out_dir, "samples.png"), nrow=cols, titles=args.prompt)
-    # Five more pictures, from one noise per prompt: how noise becomes a picture (a strip of 9 moments and an
-    # animation of every step), what the same noise gives with fewer Euler steps (straight paths need few), what
-    # the guidance scale does, and which words each patch reads (the attention of the run that drew the strip).
+    # Five more pictures, from one noise per prompt: how noise becomes a picture (a strip of 9 moments and an animation
+    # of every step), fewer Euler steps, the guidance scale, and which words each patch reads (as the strip is drawn).
     rows = ids[::args.num_samples][:16].to(device)  # one per prompt, of the first 16 (thousands would not fit)
     noise, prompts = torch.randn(len(rows), *LATENT_SHAPE, generator=gen).to(device), args.prompt[:len(rows)]
     with amp:
         x, traj, maps = sample_with_attention(model, rows, args.cfg_scale, args.sample_steps, noise, table,
                                               ATTENTION_TIMES)
         by_steps = [sample_conditional(model, rows, args.cfg_scale, n, noise, table)[0] for n in STEPS_ROWS]
-        sweep = [sample_conditional(model, rows, s, args.sample_steps, noise, table)[0] for s in SWEEP_SCALES]
+        sweep = [sample_conditional(model, rows, s, args.sample_steps, noise, table, span)[0]
+                 for s, span in [(s, None) for s in SWEEP_SCALES] + [(args.cfg_scale, (0, 1))]]
         (x,), traj, by_steps, sweep = ([decode(vae, x, config["latent_scale"]) for x in xs]  # latents -> pictures
                                        for xs in ([x], traj, by_steps, sweep))
     strip = torch.stack([traj[round(i * args.sample_steps / 8)].cpu() for i in range(9)], 1)  # rows = prompts,
@@ -778,7 +778,7 @@ def generate(args, model, table, words, vae, config, device, amp):
     save_grid(torch.cat(by_steps), os.path.join(args.out_dir, "steps.png"), nrow=len(noise),
               titles=[f"{n} step" + "s" * (n > 1) for n in STEPS_ROWS])
     save_grid(torch.cat(sweep), os.path.join(args.out_dir, "cfg_sweep.png"), nrow=len(noise),
-              titles=[f"cfg scale {s}" for s in SWEEP_SCALES])
+              titles=[f"cfg scale {s}" for s in SWEEP_SCALES] + [f"cfg scale {args.cfg_scale:g}, every t"])
     save_attention(os.path.join(args.out_dir, "attention.png"), x, traj, maps, prompts, words[:len(rows)])
     frames = [save_grid(x.cpu(), None, nrow=len(noise)) for x in traj]  # every Euler step, drawn as the pictures are
     frames[0].save(os.path.join(args.out_dir, "trajectory.gif"), save_all=True, append_images=frames[1:], loop=0,

@@ -172,3 +172,36 @@ def test_scores_report_variety_when_the_cache_has_the_test_features(trained):
     result = ev.scores(probs, features, labels, {**saved, "test_features": features.float(), "test_labels": labels})
     assert result["recall"] == 1.0 and result["spread"] == pytest.approx(1.0)
     assert "recall" not in ev.scores(probs, features, labels, saved)    # an older cache: the other scores only
+
+
+def test_flowers_get_a_classifier_of_102_classes_judged_on_photos_it_never_learned_from(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    pooled = ImageData(torch.randint(0, 256, (60, 3, 64, 64), dtype=torch.uint8, generator=g),
+                       torch.arange(60) % 3 * 50, [f"flower {i}" for i in range(102)])   # classes 0, 50 and 100
+    monkeypatch.setattr(ev, "load_dataset", lambda name, root, image_size: pooled)    # 64 px, all splits pooled
+    monkeypatch.setitem(ev.DATASETS, "flowers102", ((64, 64, 3), (4, 8), 1, 102))      # a tiny classifier
+    monkeypatch.setattr(ev, "FLOWERS_HELD_OUT", 21)
+    net, saved = ev.get_classifier("flowers102", "data", CPU)
+    assert net.head.out_features == 102
+    assert len(saved["test_features"]) == 21 and torch.equal(saved["test_labels"], pooled.labels[:21])
+    images = np.ascontiguousarray(pooled.images[:6].permute(0, 2, 3, 1).numpy())
+    npz = save_npz(tmp_path / "s.npz", images=images, labels=np.array([0, 0, 50, 50, 101, -1]))
+    ev.main([str(npz), "--json", str(tmp_path / "scores.json")])
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["dataset"] == "flowers102" and scores["n_labelled"] == 5 and "spread" in scores
+    with pytest.raises(SystemExit, match="one integer class 0-101"):
+        ev.main([str(save_npz(tmp_path / "t.npz", images=images, labels=np.array([0, 0, 0, 0, 0, 102])))])
+
+
+def test_samples_of_some_classes_are_compared_with_real_images_of_those_classes():
+    """Phase 5 draws 8 of 102 flowers: against every real flower its FID and recall would count the 94 missing ones."""
+    g = torch.Generator().manual_seed(0)
+    real, labels = torch.randn(400, 8, generator=g) + 3 * (torch.arange(400) % 4)[:, None], torch.arange(400) % 4
+    saved = {"test_features": real, "test_labels": labels, "test_mean": real.double().mean(0),
+             "test_cov": torch.cov(real.double().T), "train_features": real, "train_labels": labels}
+    two = labels < 2                                                 # samples that are real images of classes 0, 1
+    probs = torch.nn.functional.one_hot(labels[two], 4).double()
+    some = ev.scores(probs, real[two].double(), labels[two], saved)
+    assert some["fid"] == pytest.approx(0, abs=1e-6) and some["recall"] == 1.0 and some["fid_floor_n"] == 200
+    everything = ev.scores(probs, real[two].double(), None, saved)   # no labels: against all four classes
+    assert everything["fid"] > 10 and everything["recall"] < 0.6
