@@ -787,6 +787,9 @@ def load_teacher(args, device):
     if not all(os.path.exists(path) for path in paths):
         fail(f"no trained phase-5 run in {args.teacher!r} (it needs ckpt.pt and vae.pt): {how}")
     state, vae_state = (load_checkpoint(path, 5, how) for path in paths)
+    if not os.path.exists(os.path.join(args.teacher, "metrics.json")):  # phase 5 writes it when its training ends
+        print(f"warning: the teacher stopped at step {state['step']} before the end of its training: {how} --resume",
+              file=sys.stderr, flush=True)
     config = state["config"]
     teacher = TextConditionalDiT(LATENT_SHAPE, config["patch_size"], config["depth"], config["width"], config["heads"],
                                  config["text_dim"]).to(device)

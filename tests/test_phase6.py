@@ -63,6 +63,13 @@ def test_a_missing_teacher_another_phase_and_the_teachers_own_folder_are_one_lin
         torch.save({"phase": 4, "config": {}, "step": 5}, tmp_path / "p4" / name)
     r = run_script("phase6_reflow.py", "--teacher", tmp_path / "p4", "--out-dir", tmp_path / "b", *STUDENT)
     assert_clean_error(r, "phase 4, not phase 5", "python phase5_latent.py")
+    stopped = tmp_path / "stopped"                                   # a teacher stopped before its last step
+    stopped.mkdir()
+    for name in ("ckpt.pt", "vae.pt"):
+        (stopped / name).write_bytes((teacher / name).read_bytes())
+    r = run_script("phase6_reflow.py", "--teacher", stopped, "--out-dir", tmp_path / "c", "--pairs", 1, "--steps", 1,
+                   *STUDENT)
+    assert r.returncode == 0 and "the teacher stopped at step 3" in r.stderr and "--resume" in r.stderr, r.stderr
     with pytest.raises(SystemExit, match="the teacher's folder"):
         p6.main(["--teacher", str(teacher), "--out-dir", str(teacher), *STUDENT])
 
