@@ -453,8 +453,8 @@ def generate(args, model, device, amp):
     with amp:
         _, traj = sample_conditional(model, rows, args.cfg_scale, args.sample_steps, noise)
         by_steps = [sample_conditional(model, rows, args.cfg_scale, n, noise)[0] for n in STEPS_ROWS]
-        sweep = [sample_conditional(model, rows, s, args.sample_steps, noise, span)[0]
-                 for s, span in [(s, None) for s in SWEEP_SCALES] + [(args.cfg_scale, (0, 1))]]
+        sweep = [sample_conditional(model, rows, s, args.sample_steps, noise)[0] for s in SWEEP_SCALES]
+        sweep.append(sample_conditional(model, rows, args.cfg_scale, args.sample_steps, noise, (0, 1))[0])
     strip = torch.stack([traj[round(i * args.sample_steps / 8)].cpu() for i in range(9)], 1)  # rows = digits,
     save_grid(strip.flatten(0, 1), os.path.join(args.out_dir, "trajectory.png"), nrow=9)  # columns = t from 0 to 1
     save_grid(torch.cat(by_steps), os.path.join(args.out_dir, "steps.png"), nrow=len(noise),

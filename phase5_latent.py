@@ -768,8 +768,8 @@ def generate(args, model, table, words, vae, config, device, amp):
         x, traj, maps = sample_with_attention(model, rows, args.cfg_scale, args.sample_steps, noise, table,
                                               ATTENTION_TIMES)
         by_steps = [sample_conditional(model, rows, args.cfg_scale, n, noise, table)[0] for n in STEPS_ROWS]
-        sweep = [sample_conditional(model, rows, s, args.sample_steps, noise, table, span)[0]
-                 for s, span in [(s, None) for s in SWEEP_SCALES] + [(args.cfg_scale, (0, 1))]]
+        sweep = [sample_conditional(model, rows, s, args.sample_steps, noise, table)[0] for s in SWEEP_SCALES]
+        sweep.append(sample_conditional(model, rows, args.cfg_scale, args.sample_steps, noise, table, (0, 1))[0])
         (x,), traj, by_steps, sweep = ([decode(vae, x, config["latent_scale"]) for x in xs]  # latents -> pictures
                                        for xs in ([x], traj, by_steps, sweep))
     strip = torch.stack([traj[round(i * args.sample_steps / 8)].cpu() for i in range(9)], 1)  # rows = prompts,
