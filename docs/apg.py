@@ -1,7 +1,7 @@
-"""APG, the guidance variant of docs/EXPERIMENTS.md (round 8), tried on a phase-4 checkpoint without changing the
+"""APG, the guidance of docs/EXPERIMENTS.md (round 8), tried on a phase-4 checkpoint without changing the
 phase: its guided_velocity is replaced, then docs/cfg_interval.py samples and scores as usual.
 
-    ETA=0 python docs/guidance_variants.py phase4_clip.py OUT RESULTS.jsonl "s a b" ... -- ARGS
+    ETA=0 python docs/apg.py phase4_clip.py OUT RESULTS.jsonl "s a b" ... -- ARGS
 
 APG (Sadat et al., 2024, adaptive projected guidance): the step is taken on the denoised estimate
 D = x_t + (1 - t) v; of D_cond - D_uncond, the part parallel to D_cond is scaled by ETA, the rest kept:
